@@ -1,0 +1,129 @@
+"""The one interface every role's model sits behind: chat in, n completions out; scores for reward.
+
+Three implementations: `HFBackend` (transformers, the embedded default), `VLLMBackend` (vLLM's
+async engine, production), `OpenAIBackend` (any OpenAI-compatible endpoint). The pipeline and the
+Serve app only see this interface, through the role pools in `actors.pool`.
+
+Requests are plain frozen dataclasses so they pickle cheaply across Ray actor calls.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+@dataclass(frozen=True)
+class Sampling:
+    n: int = 1
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    max_tokens: int = 256
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """Sample `sampling.n` assistant turns after `messages`.
+
+    `prefix` pre-fills the start of the assistant turn; completions continue it and do not repeat it.
+    """
+
+    messages: tuple[dict, ...]
+    sampling: Sampling
+    prefix: str = ""
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    tokens: int
+    finish_reason: Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class ChatResult:
+    completions: list[Completion]
+    prompt_tokens: int  # prefilled once for all n completions
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(c.tokens for c in self.completions)
+
+
+@dataclass(frozen=True)
+class NextTokenRequest:
+    """Log-probabilities of each choice's first token right after `messages` (+ the assistant `prefix`).
+
+    The logit judge asks for ("Yes",); the guided feedback level for the five level words.
+    """
+
+    messages: tuple[dict, ...]
+    choices: tuple[str, ...]
+    prefix: str = ""
+
+
+@dataclass(frozen=True)
+class ClassifyRequest:
+    """The scalar head's score of a conversation (a sequence-classification reward model)."""
+
+    messages: tuple[dict, ...]
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    scores: list[float]
+    prompt_tokens: int
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """Everything a replica needs to build its backend (resolved from a `RoleConfig`)."""
+
+    backend: Literal["hf", "vllm", "openai"]
+    model: str  # a local folder for hf/vllm (already resolved), the model name for openai
+    kind: Literal["causal", "classifier"] = "causal"
+    seed: int = 0
+    num_gpus: int = 0
+    threads: int = 1
+    batch_size: int = 32
+    max_model_len: int | None = None
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)
+    endpoint: dict[str, Any] | None = None
+    executor_backend: str | None = None  # vLLM's distributed_executor_backend, from the placement plan
+
+
+class Backend(abc.ABC):
+    """A model behind one of the three engines. All methods keep the order of their requests."""
+
+    @abc.abstractmethod
+    async def chat(self, requests: list[ChatRequest]) -> list[ChatResult]: ...
+
+    async def next_token_logprobs(self, requests: list[NextTokenRequest]) -> list[ScoreResult]:
+        raise NotImplementedError(f"{type(self).__name__} cannot score next tokens")
+
+    async def classify(self, requests: list[ClassifyRequest]) -> list[ScoreResult]:
+        raise NotImplementedError(f"{type(self).__name__} has no classifier head; use a sequence-classification model")
+
+    def info(self) -> dict[str, Any]:
+        return {}
+
+    async def close(self) -> None:
+        return None
+
+
+def make_backend(spec: BackendSpec) -> Backend:
+    """Build the backend a spec names (imports each engine only when it is used)."""
+    if spec.backend == "hf":
+        from actors.hf_backend import HFBackend
+
+        return HFBackend(spec)
+    if spec.backend == "vllm":
+        from actors.vllm_backend import VLLMBackend
+
+        return VLLMBackend(spec)
+    if spec.backend == "openai":
+        from actors.openai_backend import OpenAIBackend
+
+        return OpenAIBackend(spec)
+    raise ValueError(f"unknown backend {spec.backend!r}")

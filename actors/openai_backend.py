@@ -1,0 +1,147 @@
+"""OpenAI-compatible HTTP backend: a vLLM server, a hosted API, or fescale's own Serve app.
+
+Bounded concurrency (a semaphore per replica), a timeout per call, retries with exponential
+backoff and jitter on transient failures (connection errors, timeouts, 429 honouring Retry-After,
+5xx, malformed responses), then a `BackendError` naming the endpoint and the last error. A 4xx
+that is the request's own fault (e.g. prompt over the context) fails that request only.
+
+Two things an HTTP API only approximates, documented where they are used:
+- per-completion token counts: the usage total is split evenly over the n completions;
+- next-token scores: read from `top_logprobs` (at most 20); a choice outside them gets the lowest
+  returned log-prob (an upper bound on its true value).
+An assistant prefix is sent as a final assistant message with vLLM's `continue_final_message`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+from typing import Any
+
+import openai
+
+from actors.backend import Backend, BackendSpec, ChatRequest, ChatResult, Completion, NextTokenRequest, ScoreResult
+from engine.errors import BackendError, RequestError
+
+TOP_LOGPROBS = 20
+
+
+class MalformedResponse(Exception):
+    """The endpoint answered 200 with something that is not a chat completion."""
+
+
+_TRANSIENT = (
+    openai.APIConnectionError,  # includes timeouts
+    openai.RateLimitError,
+    openai.InternalServerError,
+    openai.APIResponseValidationError,
+    MalformedResponse,
+)
+
+
+class OpenAIBackend(Backend):
+    def __init__(self, spec: BackendSpec):
+        ep = spec.endpoint or {}
+        self.spec = spec
+        self.base_url = ep["base_url"]
+        self.max_retries = ep.get("max_retries", 3)
+        self.max_concurrency = ep.get("max_concurrency", 16)
+        key_env = ep.get("api_key_env")
+        api_key = os.environ.get(key_env, "") if key_env else "EMPTY"
+        if key_env and not api_key:
+            raise BackendError(f"endpoint {self.base_url}: environment variable {key_env} (api_key_env) is not set")
+        self.client = openai.AsyncOpenAI(
+            base_url=self.base_url, api_key=api_key, timeout=ep.get("timeout_s", 120.0), max_retries=0
+        )
+        self._semaphore: asyncio.Semaphore | None = None
+
+    def info(self) -> dict[str, Any]:
+        return {"backend": "openai", "base_url": self.base_url, "model": self.spec.model}
+
+    async def chat(self, requests: list[ChatRequest]) -> list[ChatResult]:
+        return list(await asyncio.gather(*(self._chat(r) for r in requests)))
+
+    async def next_token_logprobs(self, requests: list[NextTokenRequest]) -> list[ScoreResult]:
+        return list(await asyncio.gather(*(self._next_token(r) for r in requests)))
+
+    async def _chat(self, req: ChatRequest) -> ChatResult:
+        s = req.sampling
+        body = self._body(req.messages, req.prefix)
+        resp = await self._create(
+            **body, n=s.n, temperature=s.temperature, top_p=s.top_p if s.temperature > 0 else 1.0, max_tokens=s.max_tokens
+        )
+        choices = sorted(resp.choices, key=lambda c: c.index)
+        usage = resp.usage
+        total = usage.completion_tokens if usage else 0
+        share = [total // len(choices) + (1 if i < total % len(choices) else 0) for i in range(len(choices))]
+        completions = [
+            Completion(c.message.content or "", share[i], "length" if c.finish_reason == "length" else "stop")
+            for i, c in enumerate(choices)
+        ]
+        return ChatResult(completions=completions, prompt_tokens=usage.prompt_tokens if usage else 0)
+
+    async def _next_token(self, req: NextTokenRequest) -> ScoreResult:
+        body = self._body(req.messages, req.prefix)
+        resp = await self._create(**body, max_tokens=1, temperature=0.0, logprobs=True, top_logprobs=TOP_LOGPROBS)
+        content = resp.choices[0].logprobs.content if resp.choices[0].logprobs else None
+        if not content:
+            raise BackendError(f"endpoint {self.base_url} returned no logprobs; the logit judge needs logprobs support")
+        top = {}
+        for entry in content[0].top_logprobs:
+            top.setdefault(entry.token.strip(), entry.logprob)
+        floor = min(top.values())
+        scores = [top.get(choice.strip(), floor) for choice in req.choices]
+        return ScoreResult(scores=scores, prompt_tokens=resp.usage.prompt_tokens if resp.usage else 0)
+
+    def _body(self, messages: tuple[dict, ...], prefix: str) -> dict[str, Any]:
+        msgs = list(messages)
+        extra = dict(self.spec.engine_kwargs)
+        if prefix:
+            msgs.append({"role": "assistant", "content": prefix})
+            extra.update(continue_final_message=True, add_generation_prompt=False)
+        return {"model": self.spec.model, "messages": msgs, "extra_body": extra or None}
+
+    async def _create(self, **kwargs):
+        if self._semaphore is None:
+            self._semaphore = asyncio.Semaphore(self.max_concurrency)
+        last: Exception | None = None
+        for attempt in range(self.max_retries + 1):
+            try:
+                async with self._semaphore:
+                    resp = await self.client.chat.completions.create(**kwargs)
+                if not getattr(resp, "choices", None):
+                    raise MalformedResponse(f"not a chat completion: {str(resp)[:200]!r}")
+                return resp
+            except openai.BadRequestError as e:
+                raise RequestError(f"endpoint {self.base_url} rejected the request: {_message(e)}") from None
+            except _TRANSIENT as e:
+                last = e
+                if attempt == self.max_retries:
+                    break
+                await asyncio.sleep(_backoff(attempt, e))
+            except openai.APIStatusError as e:  # 401/403/404 ...: retrying will not help
+                raise BackendError(f"endpoint {self.base_url} ({self.spec.model}): HTTP {e.status_code}: {_message(e)}") from None
+        raise BackendError(
+            f"endpoint {self.base_url} ({self.spec.model}) failed after {self.max_retries + 1} attempts: "
+            f"{type(last).__name__}: {_message(last)}"
+        )
+
+
+def _backoff(attempt: int, error: Exception) -> float:
+    """Exponential backoff with full jitter; a 429's Retry-After header wins when present."""
+    response = getattr(error, "response", None)
+    retry_after = response.headers.get("retry-after") if response is not None else None
+    if retry_after:
+        try:
+            return min(float(retry_after), 60.0)
+        except ValueError:
+            pass
+    return random.uniform(0, min(0.5 * 2**attempt, 10.0))
+
+
+def _message(error: Exception | None) -> str:
+    body = getattr(error, "body", None)
+    if isinstance(body, dict):
+        return str(body.get("message") or body.get("error", {}).get("message") or body)
+    return str(error)

@@ -1,0 +1,204 @@
+"""Role pools: long-lived model replicas (Ray actors) shared by every stage and request.
+
+Roles that name the same model, backend and model kind share one pool, so a model is never loaded
+twice (the embedded default runs all four roles on one SmolLM2 pool). A `PoolClient` is the
+picklable handle stages and the Serve app use: it sends each call to the replica with the fewest
+calls in flight from this client.
+
+Example:
+    >>> with Pools(load_config("greedy")) as pools:
+    ...     client = pools.client("generator")
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+
+from actors.backend import BackendSpec, ChatRequest, ChatResult, ClassifyRequest, NextTokenRequest, ScoreResult, make_backend
+from actors.models import resolve_model
+from engine.config import FescaleConfig, RoleConfig
+from engine.errors import ConfigError
+from engine.placement import ReplicaPlacement, actor_options, plan_replica, reserve
+
+log = logging.getLogger("fescale")
+
+# Replica processes never reach a hub and keep their logs to what matters.
+REPLICA_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "TOKENIZERS_PARALLELISM": "false",
+    "VLLM_LOGGING_LEVEL": "WARNING",
+    "VLLM_CONFIGURE_LOGGING": "1",
+}
+
+
+@ray.remote
+class ModelReplica:
+    """One model behind one backend. Async: it accepts calls while the model works."""
+
+    def __init__(self, spec: BackendSpec):
+        self.backend = make_backend(spec)
+
+    def ready(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(), **self.backend.info()}
+
+    async def chat(self, requests: list[ChatRequest]) -> list[ChatResult]:
+        return await self.backend.chat(requests)
+
+    async def next_token_logprobs(self, requests: list[NextTokenRequest]) -> list[ScoreResult]:
+        return await self.backend.next_token_logprobs(requests)
+
+    async def classify(self, requests: list[ClassifyRequest]) -> list[ScoreResult]:
+        return await self.backend.classify(requests)
+
+    async def close(self) -> None:
+        await self.backend.close()
+
+
+class PoolClient:
+    """Calls one pool's replicas; the least busy (from this client's view) gets each call."""
+
+    def __init__(self, name: str, replicas: list):
+        self.name = name
+        self.replicas = replicas
+        self._in_flight = [0] * len(replicas)
+
+    def __reduce__(self):  # in-flight counts are per process: a copy starts from zero
+        return (PoolClient, (self.name, self.replicas))
+
+    async def chat(self, requests: list[ChatRequest]) -> list[ChatResult]:
+        return await self._call("chat", requests)
+
+    async def next_token_logprobs(self, requests: list[NextTokenRequest]) -> list[ScoreResult]:
+        return await self._call("next_token_logprobs", requests)
+
+    async def classify(self, requests: list[ClassifyRequest]) -> list[ScoreResult]:
+        return await self._call("classify", requests)
+
+    async def _call(self, method: str, requests: list) -> list:
+        if not requests:
+            return []
+        i = min(range(len(self.replicas)), key=self._in_flight.__getitem__)
+        self._in_flight[i] += 1
+        try:
+            return await getattr(self.replicas[i], method).remote(requests)
+        finally:
+            self._in_flight[i] -= 1
+
+
+@dataclass
+class Pool:
+    name: str
+    role: RoleConfig
+    spec: BackendSpec
+    placement: ReplicaPlacement
+    roles: list[str]
+    replicas: list = field(default_factory=list)
+    groups: list = field(default_factory=list)
+
+
+def plan_pools(cfg: FescaleConfig) -> dict[str, Pool]:
+    """One pool per distinct (backend, model, kind) among the mode's active roles, keyed by name."""
+    pools: dict[tuple, Pool] = {}
+    for role_name, role in cfg.active_roles().items():
+        kind = cfg.role_kind(role_name)
+        key = (role.backend, role.model, kind, role.endpoint.base_url if role.endpoint else None)
+        if key in pools:
+            pool = pools[key]
+            if pool.role != role:
+                other = pool.roles[0]
+                diff = [k for k in RoleConfig.model_fields if getattr(pool.role, k) != getattr(role, k)]
+                raise ConfigError(
+                    f"roles.{role_name} and roles.{other} share model {role.model!r} on backend {role.backend} "
+                    f"(one pool) but differ in {', '.join(diff)}; give them the same settings"
+                )
+            pool.roles.append(role_name)
+            continue
+        placement = plan_replica(role)
+        name = f"{role.backend}:{os.path.basename(role.model.rstrip('/'))}" + (":classifier" if kind == "classifier" else "")
+        spec = BackendSpec(
+            backend=role.backend,
+            model=role.model,
+            kind=kind,
+            seed=cfg.seed,
+            num_gpus=role.num_gpus,
+            threads=role.torch_threads,
+            batch_size=role.batch_size,
+            max_model_len=role.max_model_len,
+            engine_kwargs=role.engine_kwargs,
+            endpoint=role.endpoint.model_dump() if role.endpoint else None,
+            executor_backend=placement.executor_backend,
+        )
+        pools[key] = Pool(name=name, role=role, spec=spec, placement=placement, roles=[role_name])
+    return {p.name: p for p in pools.values()}
+
+
+class Pools:
+    """Starts the pools of a config, hands out clients per role, and shuts everything down."""
+
+    def __init__(self, cfg: FescaleConfig):
+        self.cfg = cfg
+        self.pools = plan_pools(cfg)
+        self._by_role = {r: p for p in self.pools.values() for r in p.roles}
+
+    def __enter__(self) -> "Pools":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    def start(self) -> None:
+        for pool in self.pools.values():  # fail on a bad path before reserving anything
+            if pool.role.backend != "openai":
+                resolve_model(pool.role.model, key=f"roles.{pool.roles[0]}.model")
+        timeout = self.cfg.pipeline.ready_timeout_s
+        started = time.monotonic()
+        for pool in self.pools.values():
+            key = f"roles.{pool.roles[0]}"
+            env = {**REPLICA_ENV, **pool.role.env}
+            for i in range(pool.role.replicas):
+                pg = reserve(pool.placement, f"fescale-{pool.name}-{i}", timeout, key)
+                pool.groups.append(pg)
+                options = actor_options(pool.placement, pg)
+                replica = ModelReplica.options(**options, runtime_env={"env_vars": env}).remote(pool.spec)
+                pool.replicas.append(replica)
+        for pool in self.pools.values():
+            try:
+                infos = ray.get([r.ready.remote() for r in pool.replicas], timeout=timeout)
+            except ray.exceptions.GetTimeoutError:
+                raise ConfigError(f"pool {pool.name} did not load within pipeline.ready_timeout_s={timeout}") from None
+            log.info(
+                "pool %s (roles %s): %d replica(s) ready after %.1fs: %s",
+                pool.name, ", ".join(pool.roles), len(infos), time.monotonic() - started, infos[0],
+            )
+
+    def client(self, role: str) -> PoolClient:
+        pool = self._by_role[role]
+        return PoolClient(pool.name, pool.replicas)
+
+    def shutdown(self) -> None:
+        from ray.util.placement_group import remove_placement_group
+
+        for pool in self.pools.values():
+            closing = [r.close.remote() for r in pool.replicas]
+            try:
+                ray.get(closing, timeout=30)
+            except Exception:  # a replica that cannot close cleanly is killed below anyway
+                pass
+            for replica in pool.replicas:
+                ray.kill(replica)
+            for pg in pool.groups:
+                if pg is not None:
+                    remove_placement_group(pg)
+            pool.replicas.clear()
+            pool.groups.clear()
+

@@ -1,0 +1,1 @@
+"""fescale's benchmarks: Arena Hard, scaling sweeps and performance measurements."""

@@ -1,0 +1,165 @@
+"""`fescale`: the command line (also `python -m engine.cli`, and under `ray job submit`).
+
+    fescale run                          # the default config on the embedded model, bundled prompts
+    fescale run --config best_of_n --input prompts.jsonl --output out.jsonl --set generate.num_responses=8
+    fescale distill --config feedback_edit --input prompts.jsonl --output-dir runs/distill   # resumable
+    ray job submit --working-dir . -- fescale distill --input data/prompts.jsonl --output-dir /shared/out
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from engine.config import available_configs, load_config, resolve_config_path
+from engine.errors import FescaleError
+
+log = logging.getLogger("fescale")
+DEMO_PROMPTS = Path(__file__).resolve().parent / "data" / "prompts.jsonl"
+SHOWN_ROWS = 20
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default="feedback_edit", help="a preset name (see `fescale configs`) or a YAML file [feedback_edit]")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. --set generate.num_responses=4 (repeatable)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config (with inherited roles) and exit")
+    p.add_argument("--limit", type=int, help="use only the first N valid prompts")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else start a local cluster)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fescale",
+        description="Feedback-Edit inference-time scaling on Ray: generate N responses, write M feedback per "
+        "response, edit each from its feedback K times, and let a reward scorer pick the final answer.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n", 1)[1],
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run a config over a prompt file and print prompt -> answer", description="Ad-hoc run: one output JSONL (+ .sft.jsonl, .errors.jsonl, .summary.json).")
+    _add_config_args(run)
+    run.add_argument("--input", default=str(DEMO_PROMPTS), help="JSONL (id + prompt or messages; Arena-Hard; HelpSteer3) or Parquet [bundled demo prompts]")
+    run.add_argument("--output", help="output JSONL [runs/<config>.jsonl]")
+    run.set_defaults(func=cmd_run)
+
+    distill = sub.add_parser("distill", help="mass-produce distillation data: shards + manifest, resumable", description="Large jobs: rerunning the same command after a crash or `ray job stop` skips prompts already written; every prompt ends up exactly once.")
+    _add_config_args(distill)
+    distill.add_argument("--input", required=True, help="prompt file (as for run)")
+    distill.add_argument("--output-dir", required=True, help="directory for shards, manifest, SFT data and errors")
+    distill.add_argument("--shard-size", type=int, default=64, help="prompts per shard [64]")
+    distill.add_argument("--flush-interval", type=float, default=60.0, help="commit a partial shard after this many seconds [60]")
+    distill.set_defaults(func=cmd_distill)
+
+    prepare = sub.add_parser("prepare", help="dequantize the embedded SmolLM2 model into the local cache (once)")
+    prepare.set_defaults(func=cmd_prepare)
+
+    configs = sub.add_parser("configs", help="list the config presets")
+    configs.set_defaults(func=cmd_configs)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s fescale %(levelname)s %(message)s", "%H:%M:%S"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    try:
+        return args.func(args)
+    except FescaleError as e:
+        print(f"fescale: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fescale: interrupted; finished rows were written", file=sys.stderr)
+        return 130
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from engine.inputs import read_prompts
+    from engine.runner import execute, init_ray
+    from engine.sinks import JsonlSink, sibling
+    from engine.summary import Summary, results_table
+
+    cfg = load_config(args.config, args.set)
+    if args.print_config:
+        print(cfg.to_yaml())
+        return 0
+    prompts, input_errors = read_prompts(args.input, args.limit)
+    output = Path(args.output or f"runs/{Path(args.config).stem}.jsonl")
+    _log_inputs(args.input, prompts, input_errors)
+    init_ray(cfg, args.address)
+    summary = Summary(cfg.mode, cfg.config_hash(), input_errors=len(input_errors))
+    finished = []
+    execute(cfg, prompts, JsonlSink(output, input_errors), summary, progress=not args.quiet, on_rows=finished.extend)
+    sibling(output, ".summary.json").write_text(json.dumps(summary.to_dict(), indent=2))
+    order = {p.id: i for i, p in enumerate(prompts)}
+    finished.sort(key=lambda s: order[s.id])
+    print(results_table(finished[:SHOWN_ROWS]))
+    if len(finished) > SHOWN_ROWS:
+        print(f"... and {len(finished) - SHOWN_ROWS} more rows")
+    print()
+    print(summary.table())
+    print(f"\nwrote {output} (+ .sft.jsonl, .errors.jsonl, .summary.json)")
+    return 0
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from engine.distill import ShardSink
+    from engine.inputs import read_prompts
+    from engine.runner import execute, init_ray
+    from engine.summary import Summary
+
+    cfg = load_config(args.config, args.set)
+    if args.print_config:
+        print(cfg.to_yaml())
+        return 0
+    prompts, input_errors = read_prompts(args.input, args.limit)
+    _log_inputs(args.input, prompts, input_errors)
+    out = Path(args.output_dir)
+    sink = ShardSink(out, cfg.config_hash(), input_errors, args.shard_size, args.flush_interval)
+    (out / "config.yaml").write_text(cfg.to_yaml())
+    todo = [p for p in prompts if p.id not in sink.done_ids]
+    log.info("%d prompts: %d already written by an earlier run, %d to go", len(prompts), len(prompts) - len(todo), len(todo))
+    summary = Summary(cfg.mode, cfg.config_hash(), input_errors=len(input_errors), resumed=len(prompts) - len(todo))
+    signal.signal(signal.SIGTERM, _interrupt)  # `ray job stop`: commit finished rows, then exit
+    init_ray(cfg, args.address)
+    execute(cfg, todo, sink, summary, progress=not args.quiet)
+    (out / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2))
+    print(summary.table())
+    print(f"\nwrote {out}/ (data/, sft/, errors/, manifest.jsonl, summary.json)")
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from actors.models import EMBEDDED, resolve_model
+
+    print(f"embedded model ready at {resolve_model(EMBEDDED)}")
+    return 0
+
+
+def cmd_configs(args: argparse.Namespace) -> int:
+    for name in available_configs():
+        first = resolve_config_path(name).read_text().splitlines()[0].lstrip("# ").strip()
+        print(f"{name:26s} {first}")
+    return 0
+
+
+def _log_inputs(source: str, prompts: list, errors: list) -> None:
+    log.info("read %d prompts from %s", len(prompts), source)
+    for e in errors:
+        log.warning("skipping %s:%d: %s", e.source, e.line, e.error)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+if __name__ == "__main__":
+    sys.exit(main())

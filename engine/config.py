@@ -1,0 +1,367 @@
+"""fescale's config: YAML (+ `key=value` overrides) -> one validated `FescaleConfig`.
+
+Every section is a strict pydantic model: an unknown key, a wrong type or an impossible
+combination raises one `ConfigError` that names the key and says what to change. Method knobs
+default to the paper's values; the shipped YAML presets in `configs/` size them for a machine.
+
+Example:
+    >>> cfg = load_config("feedback_edit", ["generate.num_responses=4"])
+    >>> cfg.generate.num_responses
+    4
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from engine import templates
+from engine.errors import ConfigError
+from engine.modes import MODES, ModeName
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+ROLES = ("generator", "feedback", "editor", "reward")
+DEFAULT_TEMPERATURE = 0.7  # the paper's sampling temperature whenever more than one sample is drawn
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class EndpointConfig(_Strict):
+    """An OpenAI-compatible HTTP endpoint (vLLM server, hosted API, fescale's Serve app)."""
+
+    base_url: str = Field(description="e.g. http://127.0.0.1:8000/v1")
+    api_key_env: str | None = Field(None, description="environment variable holding the API key")
+    timeout_s: PositiveFloat = 120.0
+    max_retries: NonNegativeInt = 3
+    max_concurrency: PositiveInt = 16
+
+
+class RoleConfig(_Strict):
+    """Where and how one role's model runs. Roles with the same model+backend share one pool."""
+
+    model: str = Field("embedded", description="'embedded' (SmolLM2), a local HF folder, a .gguf file, or the endpoint's model name")
+    backend: Literal["hf", "vllm", "openai"] = "hf"
+    replicas: PositiveInt = 1
+    num_gpus: NonNegativeInt = Field(0, description="GPUs per replica; the tensor-parallel size for vllm")
+    num_cpus: PositiveFloat = 1.0
+    threads: PositiveInt | None = Field(None, description="torch threads per replica (hf); default ceil(num_cpus)")
+    batch_size: PositiveInt = Field(32, description="max sequences per forward pass (hf)")
+    max_model_len: PositiveInt | None = Field(None, description="context length; default the model's own")
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="passed through to vLLM / from_pretrained / the OpenAI request body")
+    env: dict[str, str] = Field(default_factory=dict, description="environment variables of the replica processes")
+    endpoint: EndpointConfig | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "RoleConfig":
+        if self.backend == "openai" and self.endpoint is None:
+            raise ValueError("backend openai needs `endpoint: {base_url: ...}`")
+        if self.backend != "openai" and self.endpoint is not None:
+            raise ValueError(f"`endpoint` is only used by backend openai, not {self.backend}; remove it")
+        if self.backend == "hf" and self.num_gpus > 1:
+            raise ValueError(
+                f"backend hf runs a replica on at most 1 GPU, got num_gpus={self.num_gpus}; "
+                "use backend vllm for tensor parallelism or raise `replicas`"
+            )
+        return self
+
+    @property
+    def torch_threads(self) -> int:
+        return self.threads or max(1, math.ceil(self.num_cpus))
+
+
+class Roles(_Strict):
+    """The four roles. feedback, editor and reward default to the generator's model (one shared pool)."""
+
+    generator: RoleConfig = Field(default_factory=RoleConfig)
+    feedback: RoleConfig | None = None
+    editor: RoleConfig | None = None
+    reward: RoleConfig | None = None
+
+    def get(self, role: str) -> RoleConfig:
+        return getattr(self, role) or self.generator
+
+
+class SamplingConfig(_Strict):
+    """Sampling of one stage. `temperature: null` means the paper's rule: greedy for one sample, else 0.7."""
+
+    temperature: NonNegativeFloat | None = None
+    top_p: float = Field(0.9, gt=0.0, le=1.0)
+    max_tokens: PositiveInt = 2048
+
+    def temperature_for(self, n: int) -> float:
+        if self.temperature is not None:
+            return self.temperature
+        return 0.0 if n == 1 else DEFAULT_TEMPERATURE
+
+
+class GenerateConfig(SamplingConfig):
+    num_responses: PositiveInt = Field(1, description="N initial responses per prompt")
+
+
+class PlanItem(_Strict):
+    count: PositiveInt
+    temperature: NonNegativeFloat
+
+
+_PLAN_ITEM = re.compile(r"^\s*(\d+)\s*@\s*([0-9.]+)\s*$")
+
+
+class FeedbackConfig(_Strict):
+    """Feedback sampling, filtering/reranking and feedback-set forming."""
+
+    plan: list[PlanItem] = Field(
+        default_factory=lambda: [PlanItem(count=10, temperature=0.7)],
+        description="(count, temperature) pairs; also the string form '16@0.7+16@0.6'",
+    )
+    top_p: float = Field(0.9, gt=0.0, le=1.0)
+    max_tokens: PositiveInt = 512
+    effective: PositiveInt | None = Field(None, description="keep the top E feedback after filtering; null keeps all")
+    sets: Literal["random", "top", "partition"] = Field(
+        "random",
+        description="random: one set of up to set_size drawn from the kept (paper); top: one set of the best; partition: all kept, in rank order, in sets of set_size",
+    )
+    set_size: int = Field(3, ge=1, le=3)
+    guided_level: bool = Field(
+        False,
+        description="sample the helpfulness level from the model's distribution over the five level words, then let it write the explanation (for small models that do not follow the template)",
+    )
+    template: str = templates.FEEDBACK
+
+    @field_validator("plan", mode="before")
+    @classmethod
+    def _parse_plan(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = v.split("+")
+        if isinstance(v, list):
+            items = []
+            for item in v:
+                if isinstance(item, str):
+                    m = _PLAN_ITEM.match(item)
+                    if not m:
+                        raise ValueError(f"plan item {item!r} is not 'COUNT@TEMPERATURE' (e.g. '16@0.7')")
+                    item = {"count": int(m.group(1)), "temperature": float(m.group(2))}
+                items.append(item)
+            return items
+        return v
+
+    @field_validator("plan")
+    @classmethod
+    def _non_empty(cls, v: list[PlanItem]) -> list[PlanItem]:
+        if not v:
+            raise ValueError("plan needs at least one 'COUNT@TEMPERATURE' item")
+        return v
+
+    @property
+    def samples(self) -> int:
+        return sum(p.count for p in self.plan)
+
+    @model_validator(mode="after")
+    def _check(self) -> "FeedbackConfig":
+        if self.effective is not None and self.effective > self.samples:
+            raise ValueError(
+                f"effective feedback E={self.effective} exceeds the {self.samples} feedback sampled per "
+                "response by `plan`; lower `effective` or add samples to `plan`"
+            )
+        return self
+
+
+class EditConfig(SamplingConfig):
+    edits_per_set: PositiveInt = Field(1, description="K edits per feedback set")
+    template: str = templates.EDIT
+    joiner: str = "\n"
+    filler: str = templates.EDIT_FILLER
+    without_feedback_template: str = templates.EDIT_WITHOUT_FEEDBACK
+
+
+class SelectConfig(_Strict):
+    scorer: Literal["logit_judge", "sequence_classification", "generative"] = "logit_judge"
+    include_originals: bool = Field(False, description="also score the unedited responses as candidates")
+    judge_template: str = templates.JUDGE
+    target_token: str = "Yes"
+    select_template: str = templates.SELECT
+    group_size: int = Field(4, ge=2, description="candidates shown at once by the generative scorer (knockout rounds)")
+    max_tokens: PositiveInt = Field(16, description="answer length of the generative scorer")
+
+
+class PipelineConfig(_Strict):
+    """How rows stream through Ray Data (throughput only; results do not depend on it)."""
+
+    batch_size: PositiveInt = Field(8, description="prompts per Ray Data batch")
+    max_concurrent_batches: PositiveInt = Field(4, description="batches in flight per stage actor")
+    stage_actors: PositiveInt = Field(1, description="Ray Data actors per stage (they only wait on pools)")
+    stage_num_cpus: NonNegativeFloat = Field(0.1, description="logical CPUs reserved per stage actor")
+    ready_timeout_s: PositiveFloat = Field(900.0, description="max wait for placement groups and model loading")
+
+
+class FescaleConfig(_Strict):
+    mode: ModeName = "feedback_edit"
+    seed: int = 0
+    roles: Roles = Field(default_factory=Roles)
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)
+    edit: EditConfig = Field(default_factory=EditConfig)
+    select: SelectConfig = Field(default_factory=SelectConfig)
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> "FescaleConfig":
+        spec = MODES[self.mode]
+        if spec.single_response and self.generate.num_responses != 1:
+            raise ValueError(
+                f"mode {self.mode} draws one response, got generate.num_responses={self.generate.num_responses}; "
+                "set it to 1 or use mode best_of_n"
+            )
+        reward = self.roles.get("reward")
+        if self.select.scorer == "sequence_classification" and reward.backend == "openai":
+            raise ValueError(
+                "select.scorer sequence_classification needs a local classifier (roles.reward.backend hf or vllm)"
+            )
+        return self
+
+    # -- derived views ------------------------------------------------------------------------
+    @property
+    def spec(self):
+        return MODES[self.mode]
+
+    def active_roles(self) -> dict[str, RoleConfig]:
+        """The roles this mode calls, after the mode's routing (self-feedback uses the generator)."""
+        spec = self.spec
+        active = {"generator": self.roles.get("generator")}
+        if spec.feedback:
+            active["feedback"] = self.roles.get(spec.feedback_role)
+        if spec.edit != "none":
+            active["editor"] = self.roles.get(spec.editor_role)
+        if spec.select:
+            active["reward"] = self.roles.get("reward")
+        return active
+
+    def role_kind(self, role: str) -> Literal["causal", "classifier"]:
+        if role == "reward" and self.select.scorer == "sequence_classification":
+            return "classifier"
+        return "causal"
+
+    def config_hash(self) -> str:
+        """Hash of everything that changes results (not replicas, batching or resources)."""
+        data = self.model_dump(mode="json", exclude={"pipeline"})
+        for role in ROLES:
+            spec = self.roles.get(role).model_dump(mode="json")
+            for k in ("replicas", "num_cpus", "threads", "batch_size", "env"):
+                spec.pop(k)
+            data["roles"][role] = spec
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_yaml(self) -> str:
+        data = self.model_dump(mode="json")
+        for role in ROLES:  # show the inherited roles as they will run
+            data["roles"][role] = self.roles.get(role).model_dump(mode="json")
+        return yaml.safe_dump(data, sort_keys=False, width=100)
+
+
+# -- loading ------------------------------------------------------------------------------------
+
+
+def available_configs() -> list[str]:
+    return sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml"))
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    preset = CONFIGS_DIR / f"{name_or_path}.yaml"
+    if preset.is_file():
+        return preset
+    raise ConfigError(
+        f"config {str(name_or_path)!r} is neither a file nor a preset; presets: {', '.join(available_configs())}"
+    )
+
+
+def apply_override(data: dict, override: str) -> None:
+    """Apply one `a.b.c=value` override; the value is parsed as YAML (`4`, `true`, `[1, 2]`, `16@0.7`)."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} is not KEY=VALUE (e.g. generate.num_responses=4)")
+    key, raw = override.split("=", 1)
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {override!r}: `{part}` is not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+
+
+def load_config(name_or_path: str | Path | None = "feedback_edit", overrides: list[str] | None = None) -> FescaleConfig:
+    """Load a preset name or YAML path (None: defaults only), apply overrides, validate."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if name_or_path is not None:
+        path = resolve_config_path(name_or_path)
+        source = str(path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for override in overrides or []:
+        apply_override(data, override)
+    return build_config(data, source)
+
+
+def build_config(data: dict[str, Any], source: str = "config") -> FescaleConfig:
+    try:
+        return FescaleConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, source)) from None
+
+
+def format_validation_error(e: ValidationError, source: str) -> str:
+    lines = []
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            parent_loc, name = err["loc"][:-1], str(err["loc"][-1])
+            hint = _suggest(parent_loc, name)
+            lines.append(f"unknown key `{loc}`{hint}")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            value = err.get("input")
+            shown = "" if isinstance(value, dict) or value is None else f" (got {value!r})"
+            lines.append(f"`{loc}`: {msg}{shown}" if loc else msg)
+    return f"invalid config ({source}):\n  " + "\n  ".join(lines)
+
+
+def _suggest(parent_loc: tuple, name: str) -> str:
+    model: type[BaseModel] | None = FescaleConfig
+    for part in parent_loc:
+        field = model.model_fields.get(str(part)) if model else None
+        ann = field.annotation if field else None
+        model = next((a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+    if model is None:
+        return ""
+    close = difflib.get_close_matches(name, list(model.model_fields), n=1)
+    return f"; did you mean `{close[0]}`?" if close else f"; valid keys: {', '.join(model.model_fields)}"

@@ -1,0 +1,88 @@
+"""Run a config over prompts: config -> pools -> steps -> Ray Data stages -> sink, with a summary.
+
+`execute` is what `fescale run` and `fescale distill` share; it streams finished rows into the
+sink as the pipeline yields them (the first rows are written while later prompts still generate).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Callable
+
+import ray
+from tqdm import tqdm
+
+from engine.config import FescaleConfig
+from engine.inputs import Prompt
+from engine.pipeline import MAX_STAGES, build_pipeline, to_dataset
+from engine.placement import reserved_resources
+from engine.rows import Message, PromptState
+from engine.sinks import Sink
+from engine.steps import build_steps
+from engine.summary import Summary
+from actors.pool import Pools, plan_pools
+
+log = logging.getLogger("fescale")
+
+
+def init_ray(cfg: FescaleConfig, address: str | None = None) -> None:
+    """Connect to a cluster (--address or RAY_ADDRESS, e.g. under `ray job submit`) or start a local one.
+
+    A local cluster gets enough logical CPUs for the replicas' reservations plus the light stage
+    actors, so no stage waits for CPUs a model replica holds (the replicas' torch/OpenMP threads,
+    not the logical count, decide how the physical cores are used).
+    """
+    if ray.is_initialized():
+        return
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address, logging_level=logging.WARNING)
+        return
+    replicas_cpus = reserved_resources([p.role for p in plan_pools(cfg).values()]).get("CPU", 0.0)
+    stages_cpus = MAX_STAGES * cfg.pipeline.stage_actors * cfg.pipeline.stage_num_cpus
+    num_cpus = max(os.cpu_count() or 1, math.ceil(replicas_cpus + stages_cpus + 1))
+    ray.init(num_cpus=num_cpus, logging_level=logging.WARNING, include_dashboard=False)
+    log.info("started a local Ray cluster with %d logical CPUs (%g reserved by model replicas)", num_cpus, replicas_cpus)
+
+
+def new_states(cfg: FescaleConfig, prompts: list[Prompt]) -> list[PromptState]:
+    config_hash = cfg.config_hash()
+    return [
+        PromptState(id=p.id, messages=[Message(**m) for m in p.messages], mode=cfg.mode, config_hash=config_hash)
+        for p in prompts
+    ]
+
+
+def execute(
+    cfg: FescaleConfig,
+    prompts: list[Prompt],
+    sink: Sink,
+    summary: Summary,
+    *,
+    progress: bool = True,
+    on_rows: Callable[[list[PromptState]], None] | None = None,
+) -> Summary:
+    """Run every prompt through the mode's stages into `sink`; returns the completed summary."""
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # fescale shows one bar in prompts, not one per operator
+    ctx.print_on_execution_start = False
+    states = new_states(cfg, prompts)
+    try:
+        if states:
+            with Pools(cfg) as pools:
+                summary.loaded()
+                steps = build_steps(cfg, pools.client)
+                ds = build_pipeline(to_dataset(states, cfg.pipeline.batch_size), steps, cfg.pipeline)
+                with tqdm(total=len(states), desc=f"fescale {cfg.mode}", unit="prompt", disable=not progress) as bar:
+                    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                        done = [PromptState.model_validate_json(s) for s in batch["state"]]
+                        sink.write(done)
+                        summary.add(done)
+                        if on_rows:
+                            on_rows(done)
+                        bar.update(len(done))
+    finally:
+        sink.close()  # commits what finished, also when interrupted
+        summary.finish()
+    return summary

@@ -1,0 +1,220 @@
+"""The method's steps as async functions of one prompt's state: the code every entry point shares.
+
+A step reads and extends a `PromptState` and calls its role's pool through a `PoolClient`. The
+batch pipeline runs each step as a Ray Data stage over many prompts at once (the pools batch the
+calls); the Serve app runs the same steps for one request. `build_steps` is the plan: config ->
+the ordered steps the mode needs.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections import Counter
+from typing import Callable
+
+from actors.backend import ChatRequest, ClassifyRequest, NextTokenRequest, Sampling
+from actors.pool import PoolClient
+from engine import method
+from engine.config import EditConfig, FeedbackConfig, FescaleConfig, GenerateConfig, SelectConfig
+from engine.rows import Candidate, Edit, Feedback, PromptState, Selected
+
+LEVEL_CHOICES = tuple(f" {level}" for level in method.LEVELS)
+
+
+class Step(abc.ABC):
+    name: str
+
+    @abc.abstractmethod
+    async def run(self, state: PromptState) -> None: ...
+
+
+class Generate(Step):
+    """N initial responses in one call (`n` fan-out: the prompt is prefilled once)."""
+
+    name = "generate"
+
+    def __init__(self, cfg: GenerateConfig, client: PoolClient):
+        self.cfg, self.client = cfg, client
+
+    async def run(self, state: PromptState) -> None:
+        n = self.cfg.num_responses
+        sampling = Sampling(n, self.cfg.temperature_for(n), self.cfg.top_p, self.cfg.max_tokens)
+        [result] = await self.client.chat([ChatRequest(tuple(state.conversation()), sampling)])
+        state.candidates = [Candidate(text=c.text) for c in result.completions]
+        state.usage_of(self.name).add(result.prompt_tokens, result.completion_tokens)
+
+
+class FeedbackStep(Step):
+    """M feedback per response, one call per (response, plan item) with n = the item's count."""
+
+    name = "feedback"
+
+    def __init__(self, cfg: FeedbackConfig, client: PoolClient, seed: int):
+        self.cfg, self.client, self.seed = cfg, client, seed
+
+    async def run(self, state: PromptState) -> None:
+        usage = state.usage_of(self.name)
+        convs = [tuple(method.with_response(state.conversation(), c.text, self.cfg.template)) for c in state.candidates]
+        if self.cfg.guided_level:
+            jobs = await self._guided_jobs(state, convs)
+        else:
+            jobs = [(i, "", ChatRequest(conv, self._sampling(item.count, item.temperature))) for i, conv in enumerate(convs) for item in self.cfg.plan]
+        results = await self.client.chat([request for *_, request in jobs])
+        for (i, prefix, _), result in zip(jobs, results):
+            usage.add(result.prompt_tokens, result.completion_tokens)
+            for completion in result.completions:
+                text = prefix + completion.text
+                state.candidates[i].feedback.append(
+                    Feedback(text=text, level=method.parse_level(text), keywords=method.count_keywords(text))
+                )
+
+    async def _guided_jobs(self, state: PromptState, convs: list[tuple]) -> list[tuple[int, str, ChatRequest]]:
+        """Sample each feedback's level from the model's own level distribution, then prefill it."""
+        scored = await self.client.next_token_logprobs([NextTokenRequest(c, LEVEL_CHOICES, prefix=method.LEVEL_PREFIX) for c in convs])
+        jobs = []
+        for i, (conv, score) in enumerate(zip(convs, scored)):
+            state.usage_of(self.name).add(score.prompt_tokens)
+            for j, item in enumerate(self.cfg.plan):
+                rng = method.row_rng(self.seed, state.id, i, j)
+                counts = Counter(method.sample_levels(score.scores, item.temperature, item.count, rng))
+                for level in method.LEVELS:
+                    if counts[level]:
+                        prefix = f"{method.LEVEL_PREFIX} {level} helpful."
+                        jobs.append((i, prefix, ChatRequest(conv, self._sampling(counts[level], item.temperature), prefix=prefix)))
+        return jobs
+
+    def _sampling(self, n: int, temperature: float) -> Sampling:
+        return Sampling(n, temperature, self.cfg.top_p, self.cfg.max_tokens)
+
+
+class FilterStep(Step):
+    """Drop perfectly-helpful and unparseable feedback, rerank by keywords, keep E, form sets."""
+
+    name = "filter"
+
+    def __init__(self, cfg: FeedbackConfig, seed: int):
+        self.cfg, self.seed = cfg, seed
+
+    async def run(self, state: PromptState) -> None:
+        for i, cand in enumerate(state.candidates):
+            ranked = method.rank_feedback([f.level for f in cand.feedback], [f.keywords for f in cand.feedback], self.cfg.effective)
+            for j in ranked:
+                cand.feedback[j].kept = True
+            rng = method.row_rng(self.seed, state.id, i, "sets")
+            cand.feedback_sets = method.form_sets(ranked, self.cfg.sets, self.cfg.set_size, rng)
+
+
+class EditStep(Step):
+    """K edits per feedback set (or per response, without feedback). No feedback left: no edit."""
+
+    name = "edit"
+
+    def __init__(self, cfg: EditConfig, client: PoolClient, with_feedback: bool):
+        self.cfg, self.client, self.with_feedback = cfg, client, with_feedback
+
+    async def run(self, state: PromptState) -> None:
+        k = self.cfg.edits_per_set
+        sampling = Sampling(k, self.cfg.temperature_for(k), self.cfg.top_p, self.cfg.max_tokens)
+        messages = state.conversation()
+        jobs: list[tuple[int, int | None, ChatRequest]] = []
+        for i, cand in enumerate(state.candidates):
+            if not self.with_feedback:
+                conv = method.with_response(messages, cand.text, self.cfg.without_feedback_template)
+                jobs.append((i, None, ChatRequest(tuple(conv), sampling)))
+                continue
+            for j, feedback_set in enumerate(cand.feedback_sets):
+                instruction = method.edit_instruction(
+                    [cand.feedback[f].text for f in feedback_set], self.cfg.template, self.cfg.joiner, self.cfg.filler
+                )
+                jobs.append((i, j, ChatRequest(tuple(method.with_response(messages, cand.text, instruction)), sampling)))
+        results = await self.client.chat([request for *_, request in jobs])
+        for (i, j, _), result in zip(jobs, results):
+            state.usage_of(self.name).add(result.prompt_tokens, result.completion_tokens)
+            state.candidates[i].edits.extend(Edit(text=c.text, feedback_set=j) for c in result.completions)
+
+
+class SelectStep(Step):
+    """Score the final candidates with the reward scorer and pick the best (first on ties).
+
+    Candidates: every edit of every response, a response that got no edit as itself, and with
+    `include_originals` every unedited response too. A single candidate is chosen unscored.
+    """
+
+    name = "select"
+
+    def __init__(self, cfg: SelectConfig, client: PoolClient | None):
+        self.cfg, self.client = cfg, client
+
+    async def run(self, state: PromptState) -> None:
+        pool = [
+            (i, e)
+            for i, cand in enumerate(state.candidates)
+            for e in ([*range(len(cand.edits)), *([None] if self.cfg.include_originals else [])] if cand.edits else [None])
+        ]
+        texts = [state.candidates[i].text if e is None else state.candidates[i].edits[e].text for i, e in pool]
+        scores: list[float | None] = [None] if len(pool) == 1 else await self._score(state, texts)
+        for (i, e), score in zip(pool, scores):
+            target = state.candidates[i] if e is None else state.candidates[i].edits[e]
+            target.score = score
+        best = 0 if len(pool) == 1 else max(range(len(pool)), key=lambda k: (scores[k], -k))
+        i, e = pool[best]
+        edit = state.candidates[i].edits[e] if e is not None else None
+        state.selected = Selected(response=i, feedback_set=edit.feedback_set if edit else None, edit=e, score=scores[best])
+        state.final = texts[best]
+
+    async def _score(self, state: PromptState, texts: list[str]) -> list[float]:
+        usage = state.usage_of(self.name)
+        messages = state.conversation()
+        if self.cfg.scorer == "generative":
+            return await self._knockout(state, texts)
+        if self.cfg.scorer == "logit_judge":
+            results = await self.client.next_token_logprobs(
+                [NextTokenRequest(tuple(method.with_response(messages, t, self.cfg.judge_template)), (self.cfg.target_token,)) for t in texts]
+            )
+        else:
+            results = await self.client.classify([ClassifyRequest(tuple([*messages, {"role": "assistant", "content": t}])) for t in texts])
+        for r in results:
+            usage.add(r.prompt_tokens)
+        return [r.scores[0] for r in results]
+
+    async def _knockout(self, state: PromptState, texts: list[str]) -> list[float]:
+        """Generative select in rounds of `group_size`; score = rounds survived (the winner is unique)."""
+        usage = state.usage_of(self.name)
+        messages = state.conversation()
+        alive = list(range(len(texts)))
+        survived = [0.0] * len(texts)
+        greedy = Sampling(1, 0.0, 1.0, self.cfg.max_tokens)
+        while len(alive) > 1:
+            groups = [alive[k : k + self.cfg.group_size] for k in range(0, len(alive), self.cfg.group_size)]
+            contests = [g for g in groups if len(g) > 1]
+            requests = [ChatRequest(tuple(method.select_instruction(messages, [texts[c] for c in g], self.cfg.select_template)), greedy) for g in contests]
+            results = iter(await self.client.chat(requests))
+            alive = []
+            for group in groups:
+                if len(group) > 1:
+                    result = next(results)
+                    usage.add(result.prompt_tokens, result.completion_tokens)
+                    choice = method.parse_choice(result.completions[0].text, len(group))
+                    group = [group[choice if choice is not None else 0]]  # unparseable: the first stays
+                alive.append(group[0])
+                survived[group[0]] += 1
+        return survived
+
+
+def build_steps(cfg: FescaleConfig, client_for: Callable[[str], PoolClient]) -> list[Step]:
+    """The ordered steps of the config's mode (generate -> feedback -> filter -> edit -> select)."""
+    spec = cfg.spec
+    steps: list[Step] = [Generate(cfg.generate, client_for("generator"))]
+    if spec.feedback:
+        steps += [FeedbackStep(cfg.feedback, client_for("feedback"), cfg.seed), FilterStep(cfg.feedback, cfg.seed)]
+    if spec.edit != "none":
+        steps.append(EditStep(cfg.edit, client_for("editor"), with_feedback=spec.edit == "with_feedback"))
+    steps.append(SelectStep(cfg.select, client_for("reward") if spec.select else None))
+    return steps
+
+
+async def run_steps(steps: list[Step], state: PromptState) -> PromptState:
+    """Run one prompt through all steps (the Serve app's path; the pipeline runs them as stages)."""
+    for step in steps:
+        await step.run(state)
+    return state

@@ -1,0 +1,100 @@
+"""The run summary (counts, tokens per stage, time, throughput) and the tables a person reads."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+from engine.rows import PromptState
+
+
+@dataclass
+class Summary:
+    mode: str
+    config_hash: str
+    prompts: int = 0  # answered
+    failed: int = 0  # a stage raised a per-prompt error (see the errors file)
+    input_errors: int = 0  # malformed input rows (see the errors file)
+    resumed: int = 0  # already written by an earlier run of the same job, skipped
+    responses: int = 0
+    feedback: int = 0
+    feedback_perfect: int = 0  # dropped: "perfectly helpful"
+    feedback_unparseable: int = 0  # dropped: no helpfulness level
+    feedback_kept: int = 0  # effective feedback (top E)
+    feedback_sets: int = 0
+    edits: int = 0
+    responses_unedited: int = 0  # no feedback left: kept as is, no edit spent on them
+    tokens: dict[str, dict[str, int]] = field(default_factory=dict)
+    load_s: float = 0.0  # starting the pools (placement, model loading)
+    wall_s: float = 0.0  # streaming the prompts through the pipeline
+    _start: float = field(default_factory=time.monotonic, repr=False)
+
+    def add(self, states: list[PromptState]) -> None:
+        for s in states:
+            if s.error is not None:
+                self.failed += 1
+                continue
+            self.prompts += 1
+            for stage, usage in s.usage.items():
+                t = self.tokens.setdefault(stage, {"prompt_tokens": 0, "completion_tokens": 0})
+                t["prompt_tokens"] += usage.prompt_tokens
+                t["completion_tokens"] += usage.completion_tokens
+            for c in s.candidates:
+                self.responses += 1
+                self.feedback += len(c.feedback)
+                self.feedback_perfect += sum(f.level == "perfectly" for f in c.feedback)
+                self.feedback_unparseable += sum(f.level is None for f in c.feedback)
+                self.feedback_kept += sum(f.kept for f in c.feedback)
+                self.feedback_sets += len(c.feedback_sets)
+                self.edits += len(c.edits)
+                self.responses_unedited += bool(c.feedback) and not c.feedback_sets
+
+    def loaded(self) -> None:
+        self.load_s = time.monotonic() - self._start
+        self._start = time.monotonic()
+
+    def finish(self) -> None:
+        self.wall_s = time.monotonic() - self._start
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(t["completion_tokens"] for t in self.tokens.values())
+
+    def to_dict(self) -> dict:
+        data = {k: v for k, v in asdict(self).items() if not k.startswith("_")}
+        data["completion_tokens"] = self.completion_tokens
+        data["tokens_per_s"] = round(self.completion_tokens / self.wall_s, 2) if self.wall_s else None
+        data["load_s"], data["wall_s"] = round(self.load_s, 2), round(self.wall_s, 2)
+        return data
+
+    def table(self) -> str:
+        d = self.to_dict()
+        rows = [
+            ("mode", f"{self.mode} (config {self.config_hash})"),
+            ("prompts", f"{self.prompts} answered, {self.failed} failed, {self.input_errors} malformed input rows, {self.resumed} resumed"),
+            ("responses", str(self.responses)),
+            ("feedback", f"{self.feedback} sampled, {self.feedback_perfect} perfectly helpful and {self.feedback_unparseable} unparseable dropped, {self.feedback_kept} kept"),
+            ("edits", f"{self.edits} from {self.feedback_sets} feedback sets; {self.responses_unedited} responses kept unedited"),
+        ]
+        for stage, t in self.tokens.items():
+            rows.append((f"tokens: {stage}", f"{t['prompt_tokens']} prompt, {t['completion_tokens']} completion"))
+        rows.append(("time", f"{d['load_s']}s loading models, {d['wall_s']}s pipeline, {d['tokens_per_s']} generated tok/s"))
+        return format_table(["run summary", ""], rows)
+
+
+def results_table(states: list[PromptState], width: int = 60) -> str:
+    """prompt -> final answer, one line each (long texts shortened)."""
+    rows = [(s.id, _short(s.messages[-1].content, width // 2), _short(s.final or f"ERROR: {s.error.message if s.error else ''}", width)) for s in states]
+    return format_table(["id", "prompt", "final answer"], rows)
+
+
+def format_table(header: list[str], rows: list[tuple[str, ...]]) -> str:
+    """A markdown table (readable in a terminal and pasteable into a README)."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+
+
+def _short(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
