@@ -6,6 +6,7 @@ sink as the pipeline yields them (the first rows are written while later prompts
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -60,17 +61,23 @@ def execute(
     sink: Sink,
     summary: Summary,
     *,
+    pools: Pools | None = None,
     progress: bool = True,
     on_rows: Callable[[list[PromptState]], None] | None = None,
 ) -> Summary:
-    """Run every prompt through the mode's stages into `sink`; returns the completed summary."""
+    """Run every prompt through the mode's stages into `sink`; returns the completed summary.
+
+    Starts the config's pools (and stops them after) unless running `pools` are passed in.
+    """
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # fescale shows one bar in prompts, not one per operator
     ctx.print_on_execution_start = False
     states = new_states(cfg, prompts)
     try:
         if states:
-            with Pools(cfg) as pools:
+            with contextlib.ExitStack() as stack:
+                if pools is None:
+                    pools = stack.enter_context(Pools(cfg))
                 summary.loaded()
                 steps = build_steps(cfg, pools.client)
                 ds = build_pipeline(to_dataset(states, cfg.pipeline.batch_size), steps, cfg.pipeline)

@@ -1,0 +1,109 @@
+"""Config: presets load, overrides apply, and every bad value is one error that names its key."""
+
+import pytest
+
+from engine.config import available_configs, build_config, load_config
+from engine.errors import ConfigError
+
+
+def test_every_preset_loads_and_the_modes_are_all_there():
+    names = available_configs()
+    for mode in ["feedback_edit", "greedy", "best_of_n", "self_feedback_self_edit", "feedback_self_edit", "edit_without_feedback"]:
+        assert mode in names
+        assert load_config(mode).mode == mode
+    assert "paper_70b" in names
+    for name in names:
+        load_config(name)
+
+
+def test_paper_70b_reproduces_the_optimal_setup():
+    cfg = load_config("paper_70b")
+    assert cfg.generate.num_responses == 8
+    assert [(p.count, p.temperature) for p in cfg.feedback.plan] == [(16, 0.5), (16, 0.6), (16, 0.7), (16, 0.8)]
+    assert cfg.feedback.effective == 16 and cfg.feedback.samples == 64
+    assert {cfg.roles.get(r).backend for r in ("generator", "feedback", "editor", "reward")} == {"vllm"}
+    assert cfg.roles.get("generator").num_gpus == 8
+    assert cfg.select.scorer == "sequence_classification"
+
+
+def test_overrides_parse_yaml_values_and_plan_strings():
+    cfg = load_config("feedback_edit", ["generate.num_responses=4", "feedback.plan=16@0.7+16@0.6", "select.include_originals=true"])
+    assert cfg.generate.num_responses == 4
+    assert [(p.count, p.temperature) for p in cfg.feedback.plan] == [(16, 0.7), (16, 0.6)]
+    assert cfg.feedback.samples == 32
+    assert cfg.select.include_originals is True
+
+
+def test_defaults_are_the_papers():
+    cfg = build_config({})
+    assert cfg.mode == "feedback_edit"
+    assert cfg.generate.num_responses == 1 and cfg.generate.temperature_for(1) == 0.0
+    assert cfg.generate.temperature_for(8) == 0.7 and cfg.generate.top_p == 0.9
+    assert [(p.count, p.temperature) for p in cfg.feedback.plan] == [(10, 0.7)]
+    assert cfg.feedback.sets == "random" and cfg.feedback.set_size == 3
+    assert cfg.edit.edits_per_set == 1 and cfg.edit.temperature_for(1) == 0.0 and cfg.edit.temperature_for(4) == 0.7
+
+
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        (["generate.num_respones=2"], "unknown key `generate.num_respones`; did you mean `num_responses`?"),
+        (["roles.generator.modle=x"], "unknown key `roles.generator.modle`; did you mean `model`?"),
+        (["bogus=1"], "unknown key `bogus`"),
+        (["generate.num_responses=zero"], "`generate.num_responses`"),
+        (["generate.num_responses=0"], "`generate.num_responses`: Input should be greater than 0"),
+        (["generate.top_p=1.5"], "`generate.top_p`"),
+        (["feedback.plan=16at0.7"], "is not 'COUNT@TEMPERATURE'"),
+        (["feedback.effective=20"], "effective feedback E=20 exceeds the 4 feedback sampled"),
+        (["feedback.set_size=4"], "`feedback.set_size`"),
+        (["mode=greedy"], "mode greedy draws one response, got generate.num_responses=2"),
+        (["mode=fancy"], "`mode`"),
+        (["roles.generator.num_gpus=2"], "backend hf runs a replica on at most 1 GPU"),
+        (["roles.generator.backend=openai"], "backend openai needs `endpoint"),
+        (["roles.reward.backend=openai", "roles.reward.endpoint.base_url=http://x", "select.scorer=sequence_classification"], "needs a local classifier"),
+        (["generate"], "is not KEY=VALUE"),
+    ],
+)
+def test_bad_values_name_the_key(overrides, needle):
+    with pytest.raises(ConfigError) as err:
+        load_config("feedback_edit", overrides)
+    assert needle in str(err.value)
+
+
+def test_unknown_preset_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="neither a file nor a preset; presets: .*feedback_edit"):
+        load_config("nope")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("mode: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(listy)
+
+
+def test_roles_inherit_the_generator_and_modes_route_them():
+    cfg = load_config("feedback_edit")
+    assert cfg.roles.feedback is None and cfg.roles.get("feedback") == cfg.roles.generator
+    assert set(cfg.active_roles()) == {"generator", "feedback", "editor", "reward"}
+    assert set(load_config("greedy").active_roles()) == {"generator"}
+    assert set(load_config("best_of_n").active_roles()) == {"generator", "reward"}
+    assert set(load_config("edit_without_feedback").active_roles()) == {"generator", "editor", "reward"}
+    own = build_config({"mode": "self_feedback_self_edit", "roles": {"feedback": {"model": "/elsewhere"}, "editor": {"model": "/elsewhere"}}})
+    active = own.active_roles()
+    assert active["feedback"] == active["generator"] == active["editor"]  # the generator critiques and edits
+    fse = build_config({"mode": "feedback_self_edit", "roles": {"feedback": {"model": "/fb"}, "editor": {"model": "/ed"}}})
+    assert fse.active_roles()["feedback"].model == "/fb" and fse.active_roles()["editor"].model == "embedded"
+
+
+def test_config_hash_tracks_results_not_resources():
+    base = load_config("feedback_edit")
+    assert load_config("feedback_edit", ["roles.generator.replicas=3", "pipeline.batch_size=2"]).config_hash() == base.config_hash()
+    assert load_config("feedback_edit", ["seed=1"]).config_hash() != base.config_hash()
+    assert load_config("feedback_edit", ["feedback.effective=2"]).config_hash() != base.config_hash()
+
+
+def test_print_config_shows_inherited_roles():
+    text = load_config("greedy").to_yaml()
+    assert "reward:\n    model: embedded" in text

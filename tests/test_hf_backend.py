@@ -1,0 +1,104 @@
+"""The Hugging Face backend on a tiny real model: fan-out, limits, prefixes, exact scores, batching."""
+
+import asyncio
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from actors.backend import BackendSpec, ChatRequest, ClassifyRequest, NextTokenRequest, Sampling
+from actors.hf_backend import HFBackend
+from engine.errors import RequestError
+
+Q = ({"role": "user", "content": "What is 2 + 2?"},)
+LONG_Q = ({"role": "user", "content": "Tell me a long story about a dragon who learns to read."},)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_model):
+    return HFBackend(BackendSpec(backend="hf", model=tiny_model, batch_size=4))
+
+
+def test_chat_fans_out_and_counts_tokens(backend):
+    [res] = run(backend.chat([ChatRequest(Q, Sampling(n=3, temperature=0.7, top_p=0.9, max_tokens=6))]))
+    assert len(res.completions) == 3
+    assert res.prompt_tokens == len(backend.fmt.prompt_ids(Q))
+    for c in res.completions:
+        assert 1 <= c.tokens <= 6 and c.finish_reason in ("stop", "length")
+        assert c.finish_reason == "stop" or c.tokens == 6
+
+
+def test_greedy_is_deterministic_and_batch_independent(backend):
+    greedy = Sampling(n=1, temperature=0.0, max_tokens=5)
+    [alone] = run(backend.chat([ChatRequest(Q, greedy)]))
+    together = run(backend.chat([ChatRequest(LONG_Q, greedy), ChatRequest(Q, greedy)]))
+    assert together[1].completions[0].text == alone.completions[0].text  # left padding does not change results
+
+
+def test_prefix_continues_the_assistant_turn(backend):
+    plain = backend.fmt.prompt_ids(Q)
+    prefixed = backend.fmt.prompt_ids(Q, prefix="The response is")
+    assert prefixed[: len(plain)] == plain and len(prefixed) > len(plain)
+    [res] = run(backend.chat([ChatRequest(Q, Sampling(max_tokens=3), prefix="The response is")]))
+    assert res.prompt_tokens == len(prefixed)
+
+
+def test_next_token_logprobs_match_an_unpadded_forward(backend, tiny_model):
+    choices = (" not", " mostly", " perfectly")
+    requests = [NextTokenRequest(LONG_Q, choices, prefix="The response is"), NextTokenRequest(Q, ("Yes", "No"))]
+    results = run(backend.next_token_logprobs(requests))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    for req, res in zip(requests, results):
+        text = backend.fmt.prompt_text(req.messages, req.prefix)
+        ids = backend.fmt.encode(text)
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0, -1], -1)
+        expected = [float(logprobs[t]) for t in backend.fmt.choice_token_ids(text, ids, req.choices)]
+        assert res.scores == pytest.approx(expected, abs=1e-4)
+        assert res.prompt_tokens == len(ids)
+
+
+def test_classifier_scores_match_an_unpadded_forward(tiny_classifier):
+    backend = HFBackend(BackendSpec(backend="hf", model=tiny_classifier, kind="classifier"))
+    convs = [Q + ({"role": "assistant", "content": "4"},), LONG_Q + ({"role": "assistant", "content": "Once upon a time."},)]
+    results = run(backend.classify([ClassifyRequest(c) for c in convs]))
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_classifier, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_classifier)
+    for conv, res in zip(convs, results):
+        ids = tok(tok.apply_chat_template(list(conv), tokenize=False), add_special_tokens=False).input_ids
+        with torch.no_grad():
+            expected = float(model(torch.tensor([ids])).logits[0, 0])
+        assert res.scores[0] == pytest.approx(expected, abs=1e-4)
+    with pytest.raises(NotImplementedError, match="sequence-classification"):
+        run(HFBackend(BackendSpec(backend="hf", model=tiny_classifier)).classify([ClassifyRequest(convs[0])]))
+
+
+def test_prompt_over_context_is_a_request_error_and_max_tokens_is_clamped(backend):
+    huge = ({"role": "user", "content": "word " * 600},)  # the tiny model's context is 512
+    with pytest.raises(RequestError, match="model's context is 512"):
+        run(backend.chat([ChatRequest(huge, Sampling(max_tokens=4))]))
+    near = ({"role": "user", "content": "word " * 480},)
+    [res] = run(backend.chat([ChatRequest(near, Sampling(max_tokens=100))]))
+    assert res.prompt_tokens + res.completions[0].tokens <= 512
+
+
+def test_concurrent_calls_share_one_batch(backend, monkeypatch):
+    calls = []
+    original = backend._generate
+
+    def counting(batch, temperature, top_p):
+        calls.append(len(batch))
+        return original(batch, temperature, top_p)
+
+    monkeypatch.setattr(backend, "_generate", counting)
+
+    async def many():
+        return await asyncio.gather(*(backend.chat([ChatRequest(Q, Sampling(n=1, temperature=0.7, top_p=0.9, max_tokens=3))]) for _ in range(4)))
+
+    results = run(many())
+    assert len(results) == 4 and all(len(r[0].completions) == 1 for r in results)
+    assert calls == [4]  # four callers, one generate of four rows (batch_size 4)
