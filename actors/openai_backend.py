@@ -15,6 +15,7 @@ An assistant prefix is sent as a final assistant message with vLLM's `continue_f
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 from typing import Any
@@ -36,6 +37,7 @@ _TRANSIENT = (
     openai.RateLimitError,
     openai.InternalServerError,
     openai.APIResponseValidationError,
+    json.JSONDecodeError,  # the openai client lets a non-JSON 200 body through as this
     MalformedResponse,
 )
 
@@ -47,14 +49,21 @@ class OpenAIBackend(Backend):
         self.base_url = ep["base_url"]
         self.max_retries = ep.get("max_retries", 3)
         self.max_concurrency = ep.get("max_concurrency", 16)
+        self.timeout_s = ep.get("timeout_s", 120.0)
         key_env = ep.get("api_key_env")
-        api_key = os.environ.get(key_env, "") if key_env else "EMPTY"
-        if key_env and not api_key:
+        self.api_key = os.environ.get(key_env, "") if key_env else "EMPTY"
+        if key_env and not self.api_key:
             raise BackendError(f"endpoint {self.base_url}: environment variable {key_env} (api_key_env) is not set")
-        self.client = openai.AsyncOpenAI(
-            base_url=self.base_url, api_key=api_key, timeout=ep.get("timeout_s", 120.0), max_retries=0
-        )
-        self._semaphore: asyncio.Semaphore | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _session(self) -> tuple[openai.AsyncOpenAI, asyncio.Semaphore]:
+        """The HTTP client and concurrency bound of the running event loop (both are bound to one)."""
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            self._loop = loop
+            self._client = openai.AsyncOpenAI(base_url=self.base_url, api_key=self.api_key, timeout=self.timeout_s, max_retries=0)
+            self._semaphore = asyncio.Semaphore(self.max_concurrency)
+        return self._client, self._semaphore
 
     def info(self) -> dict[str, Any]:
         return {"backend": "openai", "base_url": self.base_url, "model": self.spec.model}
@@ -103,13 +112,12 @@ class OpenAIBackend(Backend):
         return {"model": self.spec.model, "messages": msgs, "extra_body": extra or None}
 
     async def _create(self, **kwargs):
-        if self._semaphore is None:
-            self._semaphore = asyncio.Semaphore(self.max_concurrency)
+        client, semaphore = self._session()
         last: Exception | None = None
         for attempt in range(self.max_retries + 1):
             try:
-                async with self._semaphore:
-                    resp = await self.client.chat.completions.create(**kwargs)
+                async with semaphore:
+                    resp = await client.chat.completions.create(**kwargs)
                 if not getattr(resp, "choices", None):
                     raise MalformedResponse(f"not a chat completion: {str(resp)[:200]!r}")
                 return resp
