@@ -170,14 +170,18 @@ class HFBackend(Backend):
             logprobs = torch.log_softmax(logits[-1].float(), dim=-1)
             return [float(logprobs[t]) for t in prepared[1]]
 
-        return self._forward_each(requests, prepare, score)
+        return self._forward_each(requests, prepare, score, logits_to_keep=1)
 
     def _run_classify(self, requests: Sequence[ClassifyRequest]) -> list[ScoreResult | Exception]:
         return self._forward_each(requests, lambda req: (self.fmt.conversation_ids(req.messages),), lambda logits, _: [float(logits[0])])
 
     @torch.inference_mode()
-    def _forward_each(self, requests, prepare: Callable, score: Callable) -> list[ScoreResult | Exception]:
-        """One forward pass per chunk of requests; `score` reads each row's output logits."""
+    def _forward_each(self, requests, prepare: Callable, score: Callable, **forward_kwargs) -> list[ScoreResult | Exception]:
+        """One forward pass per chunk of requests; `score` reads each row's output logits.
+
+        Causal scoring passes `logits_to_keep=1`: only the last position's vocabulary logits are
+        needed, and computing them everywhere costs as much as the rest of the forward.
+        """
         results: list[Any] = [None] * len(requests)
         ready = []
         for i, req in enumerate(requests):
@@ -188,7 +192,7 @@ class HFBackend(Backend):
         for chunk in _chunks(ready, self.spec.batch_size):
             input_ids, attention = self._pad([prepared[0] for _, prepared in chunk])
             positions = (attention.cumsum(-1) - 1).clamp(min=0)
-            logits = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions).logits
+            logits = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions, **forward_kwargs).logits
             for row, (i, prepared) in enumerate(chunk):
                 results[i] = ScoreResult(scores=score(logits[row], prepared), prompt_tokens=len(prepared[0]))
         return results

@@ -28,7 +28,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. --set generate.num_responses=4 (repeatable)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config (with inherited roles) and exit")
     p.add_argument("--limit", type=int, help="use only the first N valid prompts")
-    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else start a local cluster)")
+    p.add_argument("--address", help="Ray cluster to join, e.g. auto or HOST:6379 (default: RAY_ADDRESS, else start a local cluster)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 

@@ -29,7 +29,8 @@ log = logging.getLogger("fescale")
 
 
 def init_ray(cfg: FescaleConfig, address: str | None = None) -> None:
-    """Connect to a cluster (--address or RAY_ADDRESS, e.g. under `ray job submit`) or start a local one.
+    """Connect to a cluster (--address, e.g. `auto`, or RAY_ADDRESS as set by `ray job submit`), else
+    start a fresh local one (even when a `ray start` cluster runs on this machine; `--address auto` joins it).
 
     A local cluster gets enough logical CPUs for the replicas' reservations plus the light stage
     actors, so no stage waits for CPUs a model replica holds (the replicas' torch/OpenMP threads,
@@ -43,7 +44,7 @@ def init_ray(cfg: FescaleConfig, address: str | None = None) -> None:
     replicas_cpus = reserved_resources([p.role for p in plan_pools(cfg).values()]).get("CPU", 0.0)
     stages_cpus = MAX_STAGES * cfg.pipeline.stage_actors * cfg.pipeline.stage_num_cpus
     num_cpus = max(os.cpu_count() or 1, math.ceil(replicas_cpus + stages_cpus + 1))
-    ray.init(num_cpus=num_cpus, logging_level=logging.WARNING, include_dashboard=False)
+    ray.init(address="local", num_cpus=num_cpus, logging_level=logging.WARNING, include_dashboard=False)
     log.info("started a local Ray cluster with %d logical CPUs (%g reserved by model replicas)", num_cpus, replicas_cpus)
 
 

@@ -58,7 +58,7 @@ def test_run_default_config_on_the_embedded_model(tmp_path, embedded_dir):
     assert [r["id"] for r in sorted(rows, key=lambda r: r["id"])] == ["capital", "leap-year"]
     for row in rows:
         assert row["mode"] == "feedback_edit" and row["final"]
-        assert len(row["candidates"]) == 2 and all(len(c["feedback"]) == 4 for c in row["candidates"])
+        assert len(row["candidates"]) == 2 and all(len(c["feedback"]) == 3 for c in row["candidates"])
     summary = json.loads((tmp_path / "demo.summary.json").read_text())
-    assert summary["prompts"] == 2 and summary["feedback"] == 16 and summary["completion_tokens"] > 0
+    assert summary["prompts"] == 2 and summary["feedback"] == 12 and summary["completion_tokens"] > 0
     assert (tmp_path / "demo.sft.jsonl").exists() and (tmp_path / "demo.errors.jsonl").read_text() == ""
