@@ -23,7 +23,7 @@ import ray
 from actors.backend import BackendSpec, ChatRequest, ChatResult, ClassifyRequest, NextTokenRequest, ScoreResult, make_backend
 from actors.models import resolve_model
 from engine.config import FescaleConfig, RoleConfig
-from engine.errors import ConfigError
+from engine.errors import BackendError, ConfigError
 from engine.placement import ReplicaPlacement, actor_options, plan_replica, reserve
 
 log = logging.getLogger("fescale")
@@ -150,7 +150,11 @@ class Pools:
         self._by_role = {r: p for p in self.pools.values() for r in p.roles}
 
     def __enter__(self) -> "Pools":
-        self.start()
+        try:
+            self.start()
+        except BaseException:
+            self.shutdown()  # a later pool failed: release the replicas already started
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
@@ -176,6 +180,8 @@ class Pools:
                 infos = ray.get([r.ready.remote() for r in pool.replicas], timeout=timeout)
             except ray.exceptions.GetTimeoutError:
                 raise ConfigError(f"pool {pool.name} did not load within pipeline.ready_timeout_s={timeout}") from None
+            except ray.exceptions.RayActorError as e:
+                raise BackendError(f"pool {pool.name} (roles {', '.join(pool.roles)}) failed to start: {_cause(e)}") from None
             log.info(
                 "pool %s (roles %s): %d replica(s) ready after %.1fs: %s",
                 pool.name, ", ".join(pool.roles), len(infos), time.monotonic() - started, infos[0],
@@ -202,3 +208,8 @@ class Pools:
             pool.replicas.clear()
             pool.groups.clear()
 
+
+def _cause(error: Exception) -> str:
+    """The last line of a replica's failure (its own exception message, without Ray's wrapping)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__

@@ -81,19 +81,31 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def _load(args: argparse.Namespace):
+    """The config and the input of a run: (config, prompts, malformed rows), or None for --print-config."""
     from engine.inputs import read_prompts
-    from engine.runner import execute, init_ray
-    from engine.sinks import JsonlSink, sibling
-    from engine.summary import Summary, results_table
 
     cfg = load_config(args.config, args.set)
     if args.print_config:
         print(cfg.to_yaml())
-        return 0
+        return None
     prompts, input_errors = read_prompts(args.input, args.limit)
+    log.info("read %d prompts from %s", len(prompts), args.input)
+    for e in input_errors:
+        log.warning("skipping %s:%d: %s", e.source, e.line, e.error)
+    return cfg, prompts, input_errors
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from engine.runner import execute, init_ray
+    from engine.sinks import JsonlSink, sibling
+    from engine.summary import Summary, results_table
+
+    loaded = _load(args)
+    if loaded is None:
+        return 0
+    cfg, prompts, input_errors = loaded
     output = Path(args.output or f"runs/{Path(args.config).stem}.jsonl")
-    _log_inputs(args.input, prompts, input_errors)
     init_ray(cfg, args.address)
     summary = Summary(cfg.mode, cfg.config_hash(), input_errors=len(input_errors))
     finished = []
@@ -112,16 +124,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_distill(args: argparse.Namespace) -> int:
     from engine.distill import ShardSink
-    from engine.inputs import read_prompts
     from engine.runner import execute, init_ray
     from engine.summary import Summary
 
-    cfg = load_config(args.config, args.set)
-    if args.print_config:
-        print(cfg.to_yaml())
+    loaded = _load(args)
+    if loaded is None:
         return 0
-    prompts, input_errors = read_prompts(args.input, args.limit)
-    _log_inputs(args.input, prompts, input_errors)
+    cfg, prompts, input_errors = loaded
     out = Path(args.output_dir)
     sink = ShardSink(out, cfg.config_hash(), input_errors, args.shard_size, args.flush_interval)
     (out / "config.yaml").write_text(cfg.to_yaml())
@@ -149,12 +158,6 @@ def cmd_configs(args: argparse.Namespace) -> int:
         first = resolve_config_path(name).read_text().splitlines()[0].lstrip("# ").strip()
         print(f"{name:26s} {first}")
     return 0
-
-
-def _log_inputs(source: str, prompts: list, errors: list) -> None:
-    log.info("read %d prompts from %s", len(prompts), source)
-    for e in errors:
-        log.warning("skipping %s:%d: %s", e.source, e.line, e.error)
 
 
 def _interrupt(signum, frame) -> None:

@@ -78,6 +78,12 @@ class RoleConfig(_Strict):
             raise ValueError("backend openai needs `endpoint: {base_url: ...}`")
         if self.backend != "openai" and self.endpoint is not None:
             raise ValueError(f"`endpoint` is only used by backend openai, not {self.backend}; remove it")
+        tp = self.engine_kwargs.get("tensor_parallel_size")
+        if tp is not None and tp != max(1, self.num_gpus):
+            raise ValueError(
+                f"engine_kwargs.tensor_parallel_size={tp} contradicts num_gpus={self.num_gpus}; "
+                "num_gpus is the tensor-parallel size: set it and drop tensor_parallel_size"
+            )
         if self.backend == "hf" and self.num_gpus > 1:
             raise ValueError(
                 f"backend hf runs a replica on at most 1 GPU, got num_gpus={self.num_gpus}; "

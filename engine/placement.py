@@ -57,6 +57,14 @@ def reserve(placement: ReplicaPlacement, name: str, timeout_s: float, key: str) 
     """Create and wait for a replica's placement group; a clear error when the cluster cannot fit it."""
     if not placement.bundles:
         return None
+    need = {k: sum(b.get(k, 0.0) for b in placement.bundles) for k in ("CPU", "GPU")}
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    if not any(all(node.get(k, 0.0) >= v for k, v in need.items() if v) for node in nodes):
+        raise ConfigError(
+            f"cannot place {name}: it needs {need['CPU']:g} CPUs and {need['GPU']:g} GPUs on one node, and no node of "
+            f"the cluster has that ({[{k: n.get(k, 0) for k in ('CPU', 'GPU')} for n in nodes]}); lower "
+            f"`{key}.num_cpus` or `{key}.num_gpus`, or add a bigger node"
+        )
     pg = placement_group(placement.bundles, strategy="STRICT_PACK", name=name)
     try:
         ray.get(pg.ready(), timeout=timeout_s)

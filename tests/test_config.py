@@ -54,12 +54,13 @@ def test_defaults_are_the_papers():
         (["generate.num_responses=0"], "`generate.num_responses`: Input should be greater than 0"),
         (["generate.top_p=1.5"], "`generate.top_p`"),
         (["feedback.plan=16at0.7"], "is not 'COUNT@TEMPERATURE'"),
-        (["feedback.effective=20"], "effective feedback E=20 exceeds the 4 feedback sampled"),
+        (["feedback.effective=20"], "effective feedback E=20 exceeds the 3 feedback sampled"),
         (["feedback.set_size=4"], "`feedback.set_size`"),
         (["mode=greedy"], "mode greedy draws one response, got generate.num_responses=2"),
         (["mode=fancy"], "`mode`"),
         (["roles.generator.num_gpus=2"], "backend hf runs a replica on at most 1 GPU"),
         (["roles.generator.backend=openai"], "backend openai needs `endpoint"),
+        (["roles.generator.backend=vllm", "roles.generator.engine_kwargs={tensor_parallel_size: 2}"], "tensor_parallel_size=2 contradicts num_gpus=0"),
         (["roles.reward.backend=openai", "roles.reward.endpoint.base_url=http://x", "select.scorer=sequence_classification"], "needs a local classifier"),
         (["generate"], "is not KEY=VALUE"),
     ],
@@ -101,7 +102,7 @@ def test_config_hash_tracks_results_not_resources():
     base = load_config("feedback_edit")
     assert load_config("feedback_edit", ["roles.generator.replicas=3", "pipeline.batch_size=2"]).config_hash() == base.config_hash()
     assert load_config("feedback_edit", ["seed=1"]).config_hash() != base.config_hash()
-    assert load_config("feedback_edit", ["feedback.effective=2"]).config_hash() != base.config_hash()
+    assert load_config("feedback_edit", ["feedback.effective=1"]).config_hash() != base.config_hash()
 
 
 def test_print_config_shows_inherited_roles():

@@ -108,3 +108,25 @@ def test_missing_model_path_names_the_config_key(ray_session, tmp_path):
     cfg = make_config(str(tmp_path / "no-such-model"), mode="greedy")
     with pytest.raises(ConfigError, match=r"`roles.generator.model`: model path .* does not exist"):
         Pools(cfg).start()
+
+
+def test_a_replica_that_cannot_load_fails_the_start_cleanly(ray_session, tmp_path):
+    from actors.pool import Pools
+    from engine.errors import BackendError
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "llama"}')  # a folder without weights or tokenizer
+    with pytest.raises(BackendError, match=r"pool hf:broken \(roles generator\) failed to start: "):
+        with Pools(make_config(str(broken), mode="greedy")):
+            pass
+    live = [pg for pg in ray_session.util.placement_group_table().values() if pg["state"] != "REMOVED"]
+    assert live == []  # nothing left reserved
+
+
+def test_a_replica_no_node_can_hold_is_refused_at_once(ray_session, tiny_model):
+    from actors.pool import Pools
+
+    cfg = make_config(tiny_model, mode="greedy", roles={"generator": {"model": tiny_model, "num_cpus": 64}})
+    with pytest.raises(ConfigError, match=r"needs 64 CPUs and 0 GPUs on one node, and no node .* lower `roles.generator.num_cpus`"):
+        Pools(cfg).start()
