@@ -53,6 +53,16 @@ def cluster():
     head.wait(timeout=60)
 
 
+def submit(address, *args):
+    """`ray job submit`, retried while the head's job agent is still starting (it says so)."""
+    deadline = time.monotonic() + 120
+    while True:
+        out = ray("job", "submit", "--address", address, *args)
+        if out.returncode == 0 or "No available agent" not in out.stdout + out.stderr or time.monotonic() > deadline:
+            return out
+        time.sleep(2)
+
+
 def data_ids(out):
     ids = []
     for f in sorted((out / "data").glob("part-*.jsonl")):
@@ -74,7 +84,7 @@ def test_distill_job_stopped_midway_then_resubmitted_writes_every_prompt_once(cl
     entry = ["fescale", "distill", "--config", str(config), "--input", str(prompts), "--output-dir", str(out), "--shard-size", "2", "--quiet"]
 
     job_id = f"fescale-distill-{os.getpid()}"
-    submitted = ray("job", "submit", "--address", cluster, "--submission-id", job_id, "--working-dir", str(REPO), "--no-wait", "--", *entry)
+    submitted = submit(cluster, "--submission-id", job_id, "--working-dir", str(REPO), "--no-wait", "--", *entry)
     assert submitted.returncode == 0, submitted.stderr
     manifest = out / "manifest.jsonl"
     deadline = time.monotonic() + 400
@@ -87,7 +97,7 @@ def test_distill_job_stopped_midway_then_resubmitted_writes_every_prompt_once(cl
     partial = data_ids(out)
     assert 2 <= len(partial) < 12 and len(set(partial)) == len(partial)
 
-    resubmitted = ray("job", "submit", "--address", cluster, "--working-dir", str(REPO), "--", *entry)
+    resubmitted = submit(cluster, "--working-dir", str(REPO), "--", *entry)
     assert resubmitted.returncode == 0, resubmitted.stdout[-3000:]
     assert "already written by an earlier run" in resubmitted.stdout
     final = data_ids(out)
