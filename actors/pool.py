@@ -6,8 +6,9 @@ picklable handle stages and the Serve app use: it sends each call to the replica
 calls in flight from this client.
 
 Example:
-    >>> with Pools(load_config("greedy")) as pools:
-    ...     client = pools.client("generator")
+    >>> cfg = load_config("greedy")
+    >>> with Pools(cfg) as pools:
+    ...     client = pools.clients().for_config(cfg)("generator")
 """
 
 from __future__ import annotations
@@ -16,14 +17,14 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import ray
 
 from actors.backend import BackendSpec, ChatRequest, ChatResult, ClassifyRequest, NextTokenRequest, ScoreResult, make_backend
 from actors.models import resolve_model
 from engine.config import FescaleConfig, RoleConfig
-from engine.errors import BackendError, ConfigError
+from engine.errors import BackendError, ConfigError, FescaleError, RequestError
 from engine.placement import ReplicaPlacement, actor_options, plan_replica, reserve
 
 log = logging.getLogger("fescale")
@@ -90,12 +91,51 @@ class PoolClient:
         self._in_flight[i] += 1
         try:
             return await getattr(self.replicas[i], method).remote(requests)
+        except ray.exceptions.RayTaskError as e:
+            if isinstance(e.cause, FescaleError):  # the replica's own error, without Ray's traceback wrapping
+                raise e.cause from None
+            raise
         finally:
             self._in_flight[i] -= 1
 
 
+PoolKey = tuple
+
+
+def pool_key(cfg: FescaleConfig, role_name: str, role: RoleConfig) -> PoolKey:
+    """What makes two roles one pool: same backend, model, model kind and endpoint."""
+    return (role.backend, role.model, cfg.role_kind(role_name), role.endpoint.base_url if role.endpoint else None)
+
+
+class PoolClients:
+    """The clients of running pools by pool key; picklable, so the Serve app's ingress gets a copy.
+
+    `for_config` resolves roles for any config whose roles run in these pools, which is how a Serve
+    request switches mode or knobs without loading anything.
+    """
+
+    def __init__(self, by_key: dict[PoolKey, PoolClient]):
+        self.by_key = by_key
+
+    def for_config(self, cfg: FescaleConfig) -> Callable[[str], PoolClient]:
+        active = cfg.active_roles()
+
+        def client(role_name: str) -> PoolClient:
+            role = active[role_name]
+            key = pool_key(cfg, role_name, role)
+            if key not in self.by_key:
+                raise RequestError(
+                    f"mode {cfg.mode} needs roles.{role_name} (model {role.model!r} on {role.backend}), "
+                    "which is not loaded here; add the mode to serve.modes"
+                )
+            return self.by_key[key]
+
+        return client
+
+
 @dataclass
 class Pool:
+    key: PoolKey
     name: str
     role: RoleConfig
     spec: BackendSpec
@@ -105,12 +145,13 @@ class Pool:
     groups: list = field(default_factory=list)
 
 
-def plan_pools(cfg: FescaleConfig) -> dict[str, Pool]:
-    """One pool per distinct (backend, model, kind) among the mode's active roles, keyed by name."""
-    pools: dict[tuple, Pool] = {}
-    for role_name, role in cfg.active_roles().items():
+def plan_pools(cfg: FescaleConfig, modes: Iterable[str] | None = None) -> dict[str, Pool]:
+    """One pool per distinct `pool_key` among the roles the modes (default: the config's) call, by name."""
+    pools: dict[PoolKey, Pool] = {}
+    roles = [(name, role) for mode in (modes or [cfg.mode]) for name, role in cfg.active_roles(mode).items()]
+    for role_name, role in roles:
         kind = cfg.role_kind(role_name)
-        key = (role.backend, role.model, kind, role.endpoint.base_url if role.endpoint else None)
+        key = pool_key(cfg, role_name, role)
         if key in pools:
             pool = pools[key]
             if pool.role != role:
@@ -120,10 +161,13 @@ def plan_pools(cfg: FescaleConfig) -> dict[str, Pool]:
                     f"roles.{role_name} and roles.{other} share model {role.model!r} on backend {role.backend} "
                     f"(one pool) but differ in {', '.join(diff)}; give them the same settings"
                 )
-            pool.roles.append(role_name)
+            if role_name not in pool.roles:
+                pool.roles.append(role_name)
             continue
         placement = plan_replica(role)
         name = f"{role.backend}:{os.path.basename(role.model.rstrip('/'))}" + (":classifier" if kind == "classifier" else "")
+        if any(p.name == name for p in pools.values()):  # same folder name, different paths
+            name += f"#{len(pools)}"
         spec = BackendSpec(
             backend=role.backend,
             model=role.model,
@@ -137,17 +181,16 @@ def plan_pools(cfg: FescaleConfig) -> dict[str, Pool]:
             endpoint=role.endpoint.model_dump() if role.endpoint else None,
             executor_backend=placement.executor_backend,
         )
-        pools[key] = Pool(name=name, role=role, spec=spec, placement=placement, roles=[role_name])
+        pools[key] = Pool(key=key, name=name, role=role, spec=spec, placement=placement, roles=[role_name])
     return {p.name: p for p in pools.values()}
 
 
 class Pools:
-    """Starts the pools of a config, hands out clients per role, and shuts everything down."""
+    """Starts the pools of a config's modes, hands out their clients, and shuts everything down."""
 
-    def __init__(self, cfg: FescaleConfig):
+    def __init__(self, cfg: FescaleConfig, modes: Iterable[str] | None = None):
         self.cfg = cfg
-        self.pools = plan_pools(cfg)
-        self._by_role = {r: p for p in self.pools.values() for r in p.roles}
+        self.pools = plan_pools(cfg, modes)
 
     def __enter__(self) -> "Pools":
         try:
@@ -161,9 +204,7 @@ class Pools:
         self.shutdown()
 
     def start(self) -> None:
-        for pool in self.pools.values():  # fail on a bad path before reserving anything
-            if pool.role.backend != "openai":
-                resolve_model(pool.role.model, key=f"roles.{pool.roles[0]}.model")
+        check_models(self.cfg, pools=self.pools.values())  # fail on a bad path before reserving anything
         timeout = self.cfg.pipeline.ready_timeout_s
         started = time.monotonic()
         for pool in self.pools.values():
@@ -187,9 +228,8 @@ class Pools:
                 pool.name, ", ".join(pool.roles), len(infos), time.monotonic() - started, infos[0],
             )
 
-    def client(self, role: str) -> PoolClient:
-        pool = self._by_role[role]
-        return PoolClient(pool.name, pool.replicas)
+    def clients(self) -> PoolClients:
+        return PoolClients({p.key: PoolClient(p.name, p.replicas) for p in self.pools.values()})
 
     def shutdown(self) -> None:
         from ray.util.placement_group import remove_placement_group
@@ -207,6 +247,13 @@ class Pools:
                     remove_placement_group(pg)
             pool.replicas.clear()
             pool.groups.clear()
+
+
+def check_models(cfg: FescaleConfig, modes: Iterable[str] | None = None, pools: Iterable[Pool] | None = None) -> None:
+    """A `ConfigError` naming the key of the first local model path that does not exist."""
+    for pool in pools if pools is not None else plan_pools(cfg, modes).values():
+        if pool.role.backend != "openai":
+            resolve_model(pool.role.model, key=f"roles.{pool.roles[0]}.model")
 
 
 def _cause(error: Exception) -> str:

@@ -4,6 +4,8 @@
     fescale run --config best_of_n --input prompts.jsonl --output out.jsonl --set generate.num_responses=8
     fescale distill --config feedback_edit --input prompts.jsonl --output-dir runs/distill   # resumable
     ray job submit --working-dir . -- fescale distill --input data/prompts.jsonl --output-dir /shared/out
+    fescale serve --port 8000            # OpenAI-compatible Ray Serve app; per-request knobs in `fescale: {...}`
+    fescale serve --write-serve-config serve.yaml && serve run serve.yaml
 """
 
 from __future__ import annotations
@@ -23,13 +25,14 @@ DEMO_PROMPTS = Path(__file__).resolve().parent / "data" / "prompts.jsonl"
 SHOWN_ROWS = 20
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
+def _add_config_args(p: argparse.ArgumentParser, batch: bool = True) -> None:
     p.add_argument("--config", default="feedback_edit", help="a preset name (see `fescale configs`) or a YAML file [feedback_edit]")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. --set generate.num_responses=4 (repeatable)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config (with inherited roles) and exit")
-    p.add_argument("--limit", type=int, help="use only the first N valid prompts")
     p.add_argument("--address", help="Ray cluster to join, e.g. auto or HOST:6379 (default: RAY_ADDRESS, else start a local cluster)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    if batch:
+        p.add_argument("--limit", type=int, help="use only the first N valid prompts")
+        p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,6 +58,20 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--shard-size", type=int, default=64, help="prompts per shard [64]")
     distill.add_argument("--flush-interval", type=float, default=60.0, help="commit a partial shard after this many seconds [60]")
     distill.set_defaults(func=cmd_distill)
+
+    serve = sub.add_parser(
+        "serve",
+        help="serve the system over HTTP as an OpenAI-compatible Ray Serve app",
+        description="Starts the role pools of every served mode and an OpenAI-compatible app (/v1/chat/completions, "
+        "/v1/models, /health) on Ray Serve; runs until Ctrl-C. Requests pick mode and knobs in `fescale: {...}` "
+        "(openai client: extra_body). Settings live in the config's `serve:` section.",
+    )
+    _add_config_args(serve, batch=False)
+    serve.add_argument("--host", help="bind address [serve.host, 127.0.0.1]")
+    serve.add_argument("--port", type=int, help="HTTP port [serve.port, 8000]")
+    serve.add_argument("--metrics-port", type=int, help="Prometheus port of Ray's metrics agent on a local cluster [random]")
+    serve.add_argument("--write-serve-config", metavar="PATH", help="write a Serve config file for `serve run`/`serve deploy` and exit")
+    serve.set_defaults(func=cmd_serve)
 
     prepare = sub.add_parser("prepare", help="dequantize the embedded SmolLM2 model into the local cache (once)")
     prepare.set_defaults(func=cmd_prepare)
@@ -143,6 +160,46 @@ def cmd_distill(args: argparse.Namespace) -> int:
     (out / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2))
     print(summary.table())
     print(f"\nwrote {out}/ (data/, sft/, errors/, manifest.jsonl, summary.json)")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import time
+
+    overrides = [*args.set, *([f"serve.host={args.host}"] if args.host else []), *([f"serve.port={args.port}"] if args.port is not None else [])]
+    cfg = load_config(args.config, overrides)
+    if args.print_config:
+        print(cfg.to_yaml())
+        return 0
+    from engine.serve_app import APP_NAME, fescale_app, serve_config_file
+
+    if args.write_serve_config:
+        Path(args.write_serve_config).write_text(serve_config_file(cfg))
+        print(f"wrote {args.write_serve_config}: start it with `serve run {args.write_serve_config}` or `serve deploy {args.write_serve_config}`")
+        return 0
+    from ray import serve
+
+    from actors.pool import check_models
+    from engine.runner import init_ray
+
+    check_models(cfg, cfg.served_modes())
+    init_ray(cfg, args.address, serving=True, metrics_port=args.metrics_port)
+    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    started = time.monotonic()
+    try:
+        serve.run(fescale_app(cfg), name=APP_NAME, route_prefix="/")
+    except RuntimeError as e:  # a deployment failed to start; Serve's message names the replica's error
+        raise FescaleError(f"the Serve app did not start: {e}") from None
+    url = f"http://{cfg.serve.host}:{cfg.serve.port}/v1"
+    log.info("serving model %r at %s (modes %s) after %.1fs; Ctrl-C stops", cfg.serve.model_name, url, ", ".join(cfg.served_modes()), time.monotonic() - started)
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        log.info("shutting down the Serve app")
+    finally:
+        serve.shutdown()
     return 0
 
 

@@ -220,6 +220,34 @@ class PipelineConfig(_Strict):
     ready_timeout_s: PositiveFloat = Field(900.0, description="max wait for placement groups and model loading")
 
 
+class ServeCaps(_Strict):
+    """Per-request limits of the Serve app; a request above one gets a 400 that names it."""
+
+    max_responses: PositiveInt = Field(16, description="N, initial responses per request")
+    max_feedback_samples: PositiveInt = Field(64, description="M, feedback sampled per response")
+    max_feedback_per_request: PositiveInt = Field(256, description="N x M, all feedback of one request")
+    max_edits_per_set: PositiveInt = Field(4, description="K, edits per feedback set")
+    max_tokens: PositiveInt = Field(4096, description="the generator's max_tokens")
+
+
+class ServeConfig(_Strict):
+    """The Ray Serve app (`fescale serve`): HTTP, backpressure, replicas, auth and per-request caps."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    model_name: str = Field("fescale", description="the model id clients send and GET /v1/models lists")
+    modes: list[ModeName] | None = Field(None, description="modes a request may ask for; null: all (their role pools are loaded at start)")
+    num_replicas: PositiveInt = Field(1, description="HTTP ingress replicas (they share the role pools)")
+    autoscaling: dict[str, Any] | None = Field(None, description="Ray Serve autoscaling_config of the ingress; replaces num_replicas")
+    max_ongoing_requests: PositiveInt = Field(32, description="requests one ingress replica works on at once")
+    max_queued_requests: int = Field(64, ge=-1, description="requests waiting for an ingress replica; beyond: 503 (-1: unbounded)")
+    retry_after_s: NonNegativeFloat = Field(5.0, description="Retry-After of a 503 over the queue limit")
+    num_cpus: NonNegativeFloat = Field(0.1, description="logical CPUs reserved per ingress replica (it only awaits the pools)")
+    api_keys: list[str] = Field(default_factory=list, description="bearer tokens accepted; empty and no api_keys_env set: no auth")
+    api_keys_env: str = Field("FESCALE_API_KEYS", description="environment variable with more comma-separated keys")
+    caps: ServeCaps = Field(default_factory=ServeCaps)
+
+
 class FescaleConfig(_Strict):
     mode: ModeName = "feedback_edit"
     seed: int = 0
@@ -229,6 +257,7 @@ class FescaleConfig(_Strict):
     edit: EditConfig = Field(default_factory=EditConfig)
     select: SelectConfig = Field(default_factory=SelectConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
 
     @model_validator(mode="after")
     def _check(self) -> "FescaleConfig":
@@ -250,9 +279,9 @@ class FescaleConfig(_Strict):
     def spec(self):
         return MODES[self.mode]
 
-    def active_roles(self) -> dict[str, RoleConfig]:
-        """The roles this mode calls, after the mode's routing (self-feedback uses the generator)."""
-        spec = self.spec
+    def active_roles(self, mode: ModeName | None = None) -> dict[str, RoleConfig]:
+        """The roles a mode (default: the config's) calls, after its routing (self-feedback uses the generator)."""
+        spec = MODES[mode or self.mode]
         active = {"generator": self.roles.get("generator")}
         if spec.feedback:
             active["feedback"] = self.roles.get(spec.feedback_role)
@@ -262,6 +291,10 @@ class FescaleConfig(_Strict):
             active["reward"] = self.roles.get("reward")
         return active
 
+    def served_modes(self) -> list[str]:
+        """The modes the Serve app accepts per request (its pools cover all their roles)."""
+        return list(self.serve.modes or MODES)
+
     def role_kind(self, role: str) -> Literal["causal", "classifier"]:
         if role == "reward" and self.select.scorer == "sequence_classification":
             return "classifier"
@@ -269,7 +302,7 @@ class FescaleConfig(_Strict):
 
     def config_hash(self) -> str:
         """Hash of everything that changes results (not replicas, batching or resources)."""
-        data = self.model_dump(mode="json", exclude={"pipeline"})
+        data = self.model_dump(mode="json", exclude={"pipeline", "serve"})
         for role in ROLES:
             spec = self.roles.get(role).model_dump(mode="json")
             for k in ("replicas", "num_cpus", "threads", "batch_size", "env"):

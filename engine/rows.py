@@ -30,6 +30,7 @@ class Feedback(_Row):
 
 class Edit(_Row):
     text: str
+    finish_reason: Literal["stop", "length"] = "stop"  # "length": cut at max_tokens
     feedback_set: int | None  # index into the candidate's feedback_sets; None for edits without feedback
     score: float | None = None
 
@@ -38,6 +39,7 @@ class Candidate(_Row):
     """One initial response, its feedback, the feedback sets formed from it and their edits."""
 
     text: str
+    finish_reason: Literal["stop", "length"] = "stop"  # "length": cut at max_tokens
     score: float | None = None  # reward score of the unedited response, when it was a select candidate
     feedback: list[Feedback] = Field(default_factory=list)
     feedback_sets: list[list[int]] = Field(default_factory=list)  # indices into `feedback`
@@ -75,6 +77,13 @@ class PromptState(_Row):
     candidates: list[Candidate] = Field(default_factory=list)
     usage: dict[str, Usage] = Field(default_factory=dict)
     error: RowError | None = None
+
+    def final_finish_reason(self) -> str:
+        """Why the selected answer ended: "stop", or "length" when it was cut at max_tokens."""
+        if self.selected is None:
+            return "stop"
+        cand = self.candidates[self.selected.response]
+        return (cand if self.selected.edit is None else cand.edits[self.selected.edit]).finish_reason
 
     def usage_of(self, stage: str) -> Usage:
         return self.usage.setdefault(stage, Usage())

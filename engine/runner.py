@@ -28,23 +28,35 @@ from actors.pool import Pools, plan_pools
 log = logging.getLogger("fescale")
 
 
-def init_ray(cfg: FescaleConfig, address: str | None = None) -> None:
+def init_ray(cfg: FescaleConfig, address: str | None = None, *, serving: bool = False, metrics_port: int | None = None) -> None:
     """Connect to a cluster (--address, e.g. `auto`, or RAY_ADDRESS as set by `ray job submit`), else
     start a fresh local one (even when a `ray start` cluster runs on this machine; `--address auto` joins it).
 
     A local cluster gets enough logical CPUs for the replicas' reservations plus the light stage
-    actors, so no stage waits for CPUs a model replica holds (the replicas' torch/OpenMP threads,
-    not the logical count, decide how the physical cores are used).
+    actors (or, `serving`, the pools of every served mode plus the Serve ingress replicas), so nothing
+    waits for CPUs a model replica holds (the replicas' torch/OpenMP threads, not the logical count,
+    decide how the physical cores are used). `metrics_port` fixes where Prometheus scrapes Ray's metrics.
     """
     if ray.is_initialized():
         return
     if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address, logging_level=logging.WARNING)
         return
-    replicas_cpus = reserved_resources([p.role for p in plan_pools(cfg).values()]).get("CPU", 0.0)
-    stages_cpus = MAX_STAGES * cfg.pipeline.stage_actors * cfg.pipeline.stage_num_cpus
-    num_cpus = max(os.cpu_count() or 1, math.ceil(replicas_cpus + stages_cpus + 1))
-    ray.init(address="local", num_cpus=num_cpus, logging_level=logging.WARNING, include_dashboard=False)
+    modes = cfg.served_modes() if serving else None
+    replicas_cpus = reserved_resources([p.role for p in plan_pools(cfg, modes).values()]).get("CPU", 0.0)
+    if serving:
+        s = cfg.serve
+        others = s.num_cpus * int((s.autoscaling or {}).get("max_replicas", s.num_replicas))
+    else:
+        others = MAX_STAGES * cfg.pipeline.stage_actors * cfg.pipeline.stage_num_cpus
+    num_cpus = max(os.cpu_count() or 1, math.ceil(replicas_cpus + others + 1))
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        logging_level=logging.WARNING,
+        include_dashboard=False,
+        _metrics_export_port=metrics_port,
+    )
     log.info("started a local Ray cluster with %d logical CPUs (%g reserved by model replicas)", num_cpus, replicas_cpus)
 
 
@@ -80,7 +92,7 @@ def execute(
                 if pools is None:
                     pools = stack.enter_context(Pools(cfg))
                 summary.loaded()
-                steps = build_steps(cfg, pools.client)
+                steps = build_steps(cfg, pools.clients().for_config(cfg))
                 ds = build_pipeline(to_dataset(states, cfg.pipeline.batch_size), steps, cfg.pipeline)
                 with tqdm(total=len(states), desc=f"fescale {cfg.mode}", unit="prompt", disable=not progress) as bar:
                     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):

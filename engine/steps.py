@@ -9,6 +9,7 @@ the ordered steps the mode needs.
 from __future__ import annotations
 
 import abc
+import time
 from collections import Counter
 from typing import Callable
 
@@ -40,7 +41,7 @@ class Generate(Step):
         n = self.cfg.num_responses
         sampling = Sampling(n, self.cfg.temperature_for(n), self.cfg.top_p, self.cfg.max_tokens)
         [result] = await self.client.chat([ChatRequest(tuple(state.conversation()), sampling)])
-        state.candidates = [Candidate(text=c.text) for c in result.completions]
+        state.candidates = [Candidate(text=c.text, finish_reason=c.finish_reason) for c in result.completions]
         state.usage_of(self.name).add(result.prompt_tokens, result.completion_tokens)
 
 
@@ -130,7 +131,7 @@ class EditStep(Step):
         results = await self.client.chat([request for *_, request in jobs])
         for (i, j, _), result in zip(jobs, results):
             state.usage_of(self.name).add(result.prompt_tokens, result.completion_tokens)
-            state.candidates[i].edits.extend(Edit(text=c.text, feedback_set=j) for c in result.completions)
+            state.candidates[i].edits.extend(Edit(text=c.text, feedback_set=j, finish_reason=c.finish_reason) for c in result.completions)
 
 
 class SelectStep(Step):
@@ -213,8 +214,16 @@ def build_steps(cfg: FescaleConfig, client_for: Callable[[str], PoolClient]) -> 
     return steps
 
 
-async def run_steps(steps: list[Step], state: PromptState) -> PromptState:
-    """Run one prompt through all steps (the Serve app's path; the pipeline runs them as stages)."""
+async def run_steps(
+    steps: list[Step], state: PromptState, on_step: Callable[[str, float], None] | None = None
+) -> PromptState:
+    """Run one prompt through all steps (the Serve app's path; the pipeline runs them as stages).
+
+    `on_step(name, seconds)` hears each step's wall time (the Serve app's per-stage latency metric).
+    """
     for step in steps:
+        started = time.perf_counter()
         await step.run(state)
+        if on_step:
+            on_step(step.name, time.perf_counter() - started)
     return state

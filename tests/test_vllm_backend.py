@@ -37,7 +37,7 @@ def test_vllm_pool_runs_the_pipeline_and_matches_hf_scores(ray_session, embedded
         edit={"max_tokens": 16},
     )
     with Pools(cfg) as pools:
-        client = pools.client("generator")
+        client = pools.clients().for_config(cfg)("generator")
         [res] = asyncio.run(client.chat([ChatRequest(Q, Sampling(n=3, temperature=0.7, top_p=0.9, max_tokens=8))]))
         assert len(res.completions) == 3 and all(1 <= c.tokens <= 8 for c in res.completions)
         assert all(c.finish_reason == "stop" or c.tokens == 8 for c in res.completions)
@@ -69,6 +69,6 @@ def test_vllm_classifier_scores_through_the_pooling_runner(ray_session, tiny_mod
     )
     conv = Q + ({"role": "assistant", "content": "Paris."},)
     with Pools(cfg) as pools:
-        [score] = asyncio.run(pools.client("reward").classify([ClassifyRequest(conv)]))
+        [score] = asyncio.run(pools.clients().for_config(cfg)("reward").classify([ClassifyRequest(conv)]))
     [expected] = asyncio.run(HFBackend(BackendSpec(backend="hf", model=tiny_classifier, kind="classifier")).classify([ClassifyRequest(conv)]))
     assert score.scores[0] == pytest.approx(expected.scores[0], abs=1e-3)
