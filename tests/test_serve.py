@@ -1,0 +1,198 @@
+"""The Serve app over real HTTP on 127.0.0.1: real Ray Serve, the embedded SmolLM2, the official openai client.
+
+The server's default mode is self_feedback_self_edit (the generator's model writes feedback and
+edits). `roles.feedback` points at an OpenAI endpoint on a closed local port: a real endpoint that
+is down, so a feedback_edit request fails in its backend (500) while the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import socket
+import time
+
+import httpx
+import openai
+import pytest
+
+from conftest import make_config
+
+pytestmark = pytest.mark.slow
+KEY = "test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+HI = [{"role": "user", "content": "What is 2 + 2?"}]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(ray_session, embedded_dir):
+    from ray import serve
+
+    from engine.serve_app import APP_NAME, fescale_app
+
+    port = free_port()
+    cfg = make_config(
+        "embedded",
+        mode="self_feedback_self_edit",
+        roles={
+            "generator": {"model": "embedded", "backend": "hf", "num_cpus": 1, "threads": 2, "max_model_len": 1024},
+            "feedback": {"model": "critic", "backend": "openai", "endpoint": {"base_url": f"http://127.0.0.1:{free_port()}/v1", "max_retries": 0, "timeout_s": 5}},
+        },
+        generate={"max_tokens": 8},
+        feedback={"plan": "2@0.7", "max_tokens": 8, "guided_level": True},
+        edit={"max_tokens": 8},
+        serve={
+            "api_keys": [KEY],
+            "max_ongoing_requests": 4,
+            "max_queued_requests": 4,
+            "retry_after_s": 2,
+            "caps": {"max_responses": 4, "max_feedback_samples": 4, "max_feedback_per_request": 8},
+        },
+    )
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(fescale_app(cfg), name=APP_NAME, route_prefix="/")
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+
+
+def chat(server: str, body: dict, headers: dict | None = None) -> httpx.Response:
+    return httpx.post(f"{server}/v1/chat/completions", json=body, headers=AUTH if headers is None else headers, timeout=300)
+
+
+def test_openai_client_gets_answers_streaming_and_not(server):
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0, timeout=300)
+    assert [m.id for m in client.models.list()] == ["fescale"]
+
+    greedy = dict(model="fescale", messages=HI, extra_body={"fescale": {"mode": "greedy"}})
+    answer = client.chat.completions.create(**greedy)
+    text = answer.choices[0].message.content
+    assert text and answer.choices[0].finish_reason in ("stop", "length")
+    assert answer.usage.total_tokens == answer.usage.prompt_tokens + answer.usage.completion_tokens > 0
+
+    chunks = list(client.chat.completions.create(**greedy, stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text  # greedy: the same answer
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == answer.choices[0].finish_reason
+    assert chunks[-1].usage.total_tokens == answer.usage.total_tokens
+
+    its = client.chat.completions.create(model="fescale", messages=HI, max_tokens=8)  # the server's default mode
+    assert its.choices[0].message.content and its.usage.total_tokens > answer.usage.total_tokens
+
+
+def test_knobs_change_the_amount_of_work_visible_in_usage_and_trace(server):
+    def run(knobs):
+        r = chat(server, {"messages": HI, "fescale": {**knobs, "return_trace": True}})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    small = run({"num_responses": 2, "feedback_samples": 2, "edits_per_set": 1})
+    large = run({"num_responses": 3, "feedback_samples": 2, "edits_per_set": 2})
+    greedy = run({"mode": "greedy"})
+    for body, n, k in ((small, 2, 1), (large, 3, 2)):
+        trace = body["fescale"]
+        assert trace["mode"] == "self_feedback_self_edit" and len(trace["candidates"]) == n
+        for cand in trace["candidates"]:
+            assert len(cand["feedback"]) == 2
+            assert len(cand["edits"]) == k * len(cand["feedback_sets"])
+        stages = trace["usage"]
+        assert set(stages) == {"generate", "feedback", "edit", "select"}
+        assert body["usage"]["prompt_tokens"] == sum(s["prompt_tokens"] for s in stages.values())
+        assert body["usage"]["completion_tokens"] == sum(s["completion_tokens"] for s in stages.values())
+        sel = trace["selected"]
+        chosen = trace["candidates"][sel["response"]]
+        assert body["choices"][0]["message"]["content"] == (chosen["text"] if sel["edit"] is None else chosen["edits"][sel["edit"]]["text"])
+    assert greedy["fescale"]["candidates"][0]["feedback"] == [] and set(greedy["fescale"]["usage"]) == {"generate"}
+    assert greedy["usage"]["total_tokens"] < small["usage"]["total_tokens"] < large["usage"]["total_tokens"]
+
+
+@pytest.mark.parametrize(
+    "body, status, pattern",
+    [
+        (b'{"messages": [', 400, "not valid JSON"),
+        ({"model": "fescale"}, 400, "messages: is required"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, 400, "messages.0.role"),
+        ({"messages": [{"role": "user", "content": "   "}]}, 400, "content is empty"),
+        ({"messages": [{"role": "assistant", "content": "hi"}]}, 400, "last message must be from the user"),
+        ({"messages": HI, "fescale": {"num_responses": -1}}, 400, "fescale.num_responses: Input should be greater than 0"),
+        ({"messages": HI, "fescale": {"num_responses": 5}}, 400, r"serve\.caps\.max_responses=4"),
+        ({"messages": HI, "fescale": {"num_responses": 3, "feedback_samples": 3}}, 400, r"serve\.caps\.max_feedback_per_request=8"),
+        ({"messages": HI, "fescale": {"feedback_samples": 2, "effective_feedback": 3}}, 400, "effective_feedback=3 exceeds"),
+        ({"messages": HI, "fescale": {"mode": "best_of_everything"}}, 400, "fescale.mode"),
+        ({"messages": HI, "fescale": {"retries": 3}}, 400, "unknown knob"),
+        ({"messages": HI, "n": 2}, 400, "n must be 1"),
+        ({"messages": HI, "max_tokens": 0}, 400, "max_tokens"),
+        ({"model": "gpt-4o", "messages": HI}, 404, "does not exist"),
+        ({"messages": [{"role": "user", "content": "word " * 1100}], "fescale": {"mode": "greedy"}}, 400, "model's context is 1024"),
+    ],
+)
+def test_bad_input_gets_a_4xx_in_openai_error_shape(server, body, status, pattern):
+    if isinstance(body, bytes):
+        r = httpx.post(f"{server}/v1/chat/completions", content=body, headers={**AUTH, "content-type": "application/json"}, timeout=60)
+    else:
+        r = chat(server, body)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and re.search(pattern, error["message"]), error
+
+
+def test_auth_missing_or_wrong_key_is_401(server):
+    assert httpx.get(f"{server}/health").status_code == 200  # health checks need no key
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+        r = httpx.get(f"{server}/v1/models", headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert chat(server, {"messages": HI}, headers).status_code == 401
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{server}/v1", api_key="wrong", max_retries=0).chat.completions.create(model="fescale", messages=HI)
+
+
+def test_a_backend_failure_fails_only_its_request(server):
+    failed = chat(server, {"messages": HI, "fescale": {"mode": "feedback_edit"}})  # roles.feedback's endpoint is down
+    assert failed.status_code == 500, failed.text
+    assert "failed after 1 attempts" in failed.json()["error"]["message"]
+    assert chat(server, {"messages": HI, "fescale": {"mode": "greedy"}}).status_code == 200
+
+
+def test_fifty_concurrent_requests_are_answered_or_rejected_with_503(server):
+    async def burst():
+        async with httpx.AsyncClient(timeout=240, limits=httpx.Limits(max_connections=64)) as client:
+            body = {"messages": HI, "max_tokens": 4, "fescale": {"mode": "greedy"}}
+            return await asyncio.gather(*(client.post(f"{server}/v1/chat/completions", json=body, headers=AUTH) for _ in range(50)))
+
+    started = time.monotonic()
+    responses = asyncio.run(asyncio.wait_for(burst(), timeout=300))
+    codes = [r.status_code for r in responses]
+    assert set(codes) <= {200, 503}, codes
+    assert codes.count(200) >= 4 and codes.count(503) >= 1, codes  # 4 running + 4 queued per the config, the rest shed
+    assert all(r.headers["retry-after"] == "2" for r in responses if r.status_code == 503)
+    assert all(r.json()["choices"][0]["message"]["content"] for r in responses if r.status_code == 200)
+    assert time.monotonic() - started < 300
+    assert httpx.get(f"{server}/health").json()["status"] == "ok"
+    assert chat(server, {"messages": HI, "fescale": {"mode": "greedy"}}).status_code == 200
+
+
+def test_prometheus_metrics_through_ray(server, ray_session):
+    port = ray_session._private.worker._global_node.metrics_export_port
+    wanted = {
+        "requests ok": r'^ray_fescale_requests_total\{.*status="200"',
+        "requests rejected": r'^ray_fescale_requests_total\{.*status="400"',
+        "stage latency": r'^ray_fescale_stage_latency_seconds_count\{.*stage="feedback"',
+        "tokens": r'^ray_fescale_tokens_total\{.*stage="edit"',
+        "latency": r"^ray_fescale_request_latency_seconds_bucket",
+        "queue depth": r"^ray_fescale_ongoing_requests",
+    }
+    deadline = time.monotonic() + 90  # Ray exports metrics every few seconds
+    while True:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        missing = [k for k, p in wanted.items() if not re.search(p, text, re.M)]
+        if not missing or time.monotonic() > deadline:
+            break
+        time.sleep(3)
+    assert not missing, missing
+    assert json.loads(httpx.get(f"{server}/health").text)["pools"]
