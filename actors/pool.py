@@ -13,9 +13,11 @@ Example:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -41,39 +43,128 @@ REPLICA_ENV = {
 }
 
 
+@ray.remote(num_cpus=0)
+class PoolEvents:
+    """Counts replica restarts and retried calls from every process that uses the pools, and remembers
+    which isolated call each replica is running (so a crash is blamed on the call that caused it)."""
+
+    def __init__(self):
+        self.counts: dict[str, int] = {"restarts": 0, "retries": 0}
+        self.running: dict[str, str | None] = {}
+        self.loaded: dict[str, bool] = {}  # replica -> its model is loaded (False while it (re)starts)
+
+    def record(self, kind: str) -> None:
+        self.counts[kind] += 1
+
+    def snapshot(self) -> dict[str, int]:
+        return dict(self.counts)
+
+    def run(self, replica: str, call: str | None) -> None:
+        self.running[replica] = call
+
+    def starting(self, replica: str, restarted: bool) -> None:
+        self.running[replica], self.loaded[replica] = None, False
+        if restarted:
+            self.counts["restarts"] += 1
+
+    def up(self, replica: str) -> None:
+        self.loaded[replica] = True
+
+    def is_up(self, replica: str) -> bool:
+        return self.loaded.get(replica, False)
+
+    def blamed(self, replica: str) -> str | None:
+        return self.running.get(replica)
+
+
 @ray.remote
 class ModelReplica:
-    """One model behind one backend. Async: it accepts calls while the model works."""
+    """One model behind one backend. Async: it accepts calls while the model works.
 
-    def __init__(self, spec: BackendSpec):
+    Ray restarts a replica that dies (`roles.<role>.max_restarts`). A call retried after a crash comes
+    back `isolated`: it runs alone on the replica (no other call in flight), and the events actor knows
+    it is running, so if the replica dies again the crash is that call's and nobody else's.
+
+    `FESCALE_CHAOS_CRASH_ON=<text>` in a replica's env kills its process on any request containing the
+    text: fault injection for the chaos tests and `benchmarks/chaos.py` (a real crash, not a mock).
+    """
+
+    def __init__(self, spec: BackendSpec, events):
+        self.events = events
+        self.id = ray.get_runtime_context().get_actor_id()
+        ray.get(events.starting.remote(self.id, ray.get_runtime_context().was_current_actor_reconstructed))
+        self.crash_on = os.environ.get("FESCALE_CHAOS_CRASH_ON")
         self.backend = make_backend(spec)
+        ray.get(events.up.remote(self.id))
+        self._gate = asyncio.Condition()
+        self._shared = 0  # ordinary calls in flight
+        self._isolated = False  # an isolated call is running
+        self._waiting = 0  # isolated calls waiting (they go first)
 
     def ready(self) -> dict[str, Any]:
         return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(), **self.backend.info()}
 
-    async def chat(self, requests: list[ChatRequest]) -> list[ChatResult]:
-        return await self.backend.chat(requests)
-
-    async def next_token_logprobs(self, requests: list[NextTokenRequest]) -> list[ScoreResult]:
-        return await self.backend.next_token_logprobs(requests)
-
-    async def classify(self, requests: list[ClassifyRequest]) -> list[ScoreResult]:
-        return await self.backend.classify(requests)
+    async def call(self, method: str, requests: list, isolated: str | None = None) -> list:
+        """`method` (chat, next_token_logprobs, classify) of the backend; alone if `isolated`."""
+        if isolated is None:
+            async with self._gate:
+                await self._gate.wait_for(lambda: not self._isolated and not self._waiting)
+                self._shared += 1
+            try:
+                return await self._run(method, requests)
+            finally:
+                async with self._gate:
+                    self._shared -= 1
+                    self._gate.notify_all()
+        async with self._gate:
+            self._waiting += 1
+            await self._gate.wait_for(lambda: not self._isolated and not self._shared)
+            self._waiting -= 1
+            self._isolated = True
+        try:
+            await self.events.run.remote(self.id, isolated)
+            result = await self._run(method, requests)
+            await self.events.run.remote(self.id, None)
+            return result
+        finally:
+            async with self._gate:
+                self._isolated = False
+                self._gate.notify_all()
 
     async def close(self) -> None:
         await self.backend.close()
 
+    async def _run(self, method: str, requests: list) -> list:
+        if self.crash_on and any(self.crash_on in m["content"] for r in requests for m in r.messages):
+            os._exit(1)
+        return await getattr(self.backend, method)(requests)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How a client rides through a replica that dies or hangs (from `pipeline:`)."""
+
+    max_attempts: int = 3
+    call_timeout_s: float | None = None
+    ready_timeout_s: float = 900.0
+
 
 class PoolClient:
-    """Calls one pool's replicas; the least busy (from this client's view) gets each call."""
+    """Calls one pool's replicas; the least busy (from this client's view) gets each call.
 
-    def __init__(self, name: str, replicas: list):
-        self.name = name
-        self.replicas = replicas
+    A call whose replica dies (or outlives `call_timeout_s`; the replica is then killed and restarted)
+    is retried, isolated, once the replica is back. Only a death while the call ran alone counts
+    against its `max_attempts`: a poison input that crashes its replica every time fails alone, as a
+    `RequestError` for its prompt, while the calls that merely shared a crash with it succeed. A replica
+    that stays dead (restarts used up) is a `BackendError`: the pool is gone.
+    """
+
+    def __init__(self, name: str, replicas: list, events, policy: RetryPolicy):
+        self.name, self.replicas, self.events, self.policy = name, replicas, events, policy
         self._in_flight = [0] * len(replicas)
 
     def __reduce__(self):  # in-flight counts are per process: a copy starts from zero
-        return (PoolClient, (self.name, self.replicas))
+        return (PoolClient, (self.name, self.replicas, self.events, self.policy))
 
     async def chat(self, requests: list[ChatRequest]) -> list[ChatResult]:
         return await self._call("chat", requests)
@@ -87,16 +178,57 @@ class PoolClient:
     async def _call(self, method: str, requests: list) -> list:
         if not requests:
             return []
-        i = min(range(len(self.replicas)), key=self._in_flight.__getitem__)
+        call_id: str | None = None  # set once the call has been through a crash: it is retried isolated
+        failures = 0
+        while True:
+            i = min(range(len(self.replicas)), key=self._in_flight.__getitem__)
+            try:
+                return await self._once(i, method, requests, call_id)
+            except (ray.exceptions.RayActorError, asyncio.TimeoutError) as e:
+                self.events.record.remote("retries")
+                hung = isinstance(e, asyncio.TimeoutError)
+                what = f"no answer within pipeline.call_timeout_s={self.policy.call_timeout_s}" if hung else _cause(e)
+                if call_id is not None and (hung or await self.events.blamed.remote(self.replicas[i]._actor_id.hex()) == call_id):
+                    failures += 1  # it ran alone when the replica died or hung: its own fault
+                if failures >= self.policy.max_attempts:
+                    raise RequestError(
+                        f"pool {self.name}: a replica died or hung {failures} times running this prompt's call "
+                        f"alone ({what}); giving up on the prompt (pipeline.max_attempts={self.policy.max_attempts})"
+                    ) from None
+                log.warning("pool %s: a replica failed a call (%s); retrying it alone once the replica is back", self.name, what)
+                call_id = call_id or uuid.uuid4().hex
+                if hung:
+                    ray.kill(self.replicas[i], no_restart=False)  # restart it
+                await self._wait_ready(i)
+
+    async def _once(self, i: int, method: str, requests: list, call_id: str | None) -> list:
         self._in_flight[i] += 1
         try:
-            return await getattr(self.replicas[i], method).remote(requests)
+            ref = self.replicas[i].call.remote(method, requests, call_id)
+            return await (asyncio.wait_for(ref, self.policy.call_timeout_s) if self.policy.call_timeout_s else ref)
         except ray.exceptions.RayTaskError as e:
             if isinstance(e.cause, FescaleError):  # the replica's own error, without Ray's traceback wrapping
                 raise e.cause from None
             raise
         finally:
             self._in_flight[i] -= 1
+
+    async def _wait_ready(self, i: int) -> None:
+        """Until Ray has restarted replica i; a replica that stays dead fails the pool."""
+        deadline = time.monotonic() + self.policy.ready_timeout_s
+        while True:
+            try:
+                await asyncio.wait_for(self.replicas[i].ready.remote(), max(1.0, deadline - time.monotonic()))
+                return
+            except ray.exceptions.ActorUnavailableError:
+                pass  # restarting
+            except ray.exceptions.RayActorError as e:
+                raise BackendError(f"pool {self.name}: a replica is dead and out of restarts (roles.*.max_restarts): {_cause(e)}") from None
+            except asyncio.TimeoutError:
+                raise BackendError(f"pool {self.name}: a replica did not come back within pipeline.ready_timeout_s={self.policy.ready_timeout_s}") from None
+            if time.monotonic() > deadline:
+                raise BackendError(f"pool {self.name}: a replica did not come back within pipeline.ready_timeout_s={self.policy.ready_timeout_s}")
+            await asyncio.sleep(1.0)
 
 
 PoolKey = tuple
@@ -191,6 +323,9 @@ class Pools:
     def __init__(self, cfg: FescaleConfig, modes: Iterable[str] | None = None):
         self.cfg = cfg
         self.pools = plan_pools(cfg, modes)
+        self.events = None
+        p = cfg.pipeline
+        self.policy = RetryPolicy(p.max_attempts, p.call_timeout_s, p.ready_timeout_s)
 
     def __enter__(self) -> "Pools":
         try:
@@ -207,6 +342,7 @@ class Pools:
         check_models(self.cfg, pools=self.pools.values())  # fail on a bad path before reserving anything
         timeout = self.cfg.pipeline.ready_timeout_s
         started = time.monotonic()
+        self.events = PoolEvents.remote()
         for pool in self.pools.values():
             key = f"roles.{pool.roles[0]}"
             env = {**REPLICA_ENV, **pool.role.env}
@@ -214,7 +350,9 @@ class Pools:
                 pg = reserve(pool.placement, f"fescale-{pool.name}-{i}", timeout, key)
                 pool.groups.append(pg)
                 options = actor_options(pool.placement, pg)
-                replica = ModelReplica.options(**options, runtime_env={"env_vars": env}).remote(pool.spec)
+                replica = ModelReplica.options(
+                    **options, max_restarts=pool.role.max_restarts, max_task_retries=0, runtime_env={"env_vars": env}
+                ).remote(pool.spec, self.events)
                 pool.replicas.append(replica)
         for pool in self.pools.values():
             try:
@@ -229,7 +367,28 @@ class Pools:
             )
 
     def clients(self) -> PoolClients:
-        return PoolClients({p.key: PoolClient(p.name, p.replicas) for p in self.pools.values()})
+        return PoolClients({p.key: PoolClient(p.name, p.replicas, self.events, self.policy) for p in self.pools.values()})
+
+    def fault_counts(self) -> dict[str, int]:
+        """Replica restarts and retried calls so far, across every process using these pools."""
+        return ray.get(self.events.snapshot.remote(), timeout=30) if self.events is not None else {"restarts": 0, "retries": 0}
+
+    async def health(self, timeout_s: float = 2.0) -> dict[str, dict]:
+        """Per pool: replicas, how many answer `ready` now (fewer while one restarts), and their PIDs."""
+
+        async def probe(replica) -> int | None:
+            try:
+                if not await self.events.is_up.remote(replica._actor_id.hex()):
+                    return None  # (re)loading its model
+                return (await asyncio.wait_for(replica.ready.remote(), timeout_s))["pid"]
+            except (ray.exceptions.RayActorError, asyncio.TimeoutError):
+                return None
+
+        report = {}
+        for name, pool in self.pools.items():
+            pids = [pid for pid in await asyncio.gather(*(probe(r) for r in pool.replicas)) if pid is not None]
+            report[name] = {"replicas": len(pool.replicas), "ready": len(pids), "pids": pids}
+        return report
 
     def shutdown(self) -> None:
         from ray.util.placement_group import remove_placement_group
@@ -247,6 +406,9 @@ class Pools:
                     remove_placement_group(pg)
             pool.replicas.clear()
             pool.groups.clear()
+        if self.events is not None:
+            ray.kill(self.events)
+            self.events = None
 
 
 def check_models(cfg: FescaleConfig, modes: Iterable[str] | None = None, pools: Iterable[Pool] | None = None) -> None:

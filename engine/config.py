@@ -70,6 +70,7 @@ class RoleConfig(_Strict):
     max_model_len: PositiveInt | None = Field(None, description="context length; default the model's own")
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="passed through to vLLM / from_pretrained / the OpenAI request body")
     env: dict[str, str] = Field(default_factory=dict, description="environment variables of the replica processes")
+    max_restarts: NonNegativeInt = Field(10, description="times Ray restarts a replica that died (killed, OOM, crashed; a poison prompt costs pipeline.max_attempts) before its pool gives up")
     endpoint: EndpointConfig | None = None
 
     @model_validator(mode="after")
@@ -217,7 +218,9 @@ class PipelineConfig(_Strict):
     max_concurrent_batches: PositiveInt = Field(4, description="batches in flight per stage actor")
     stage_actors: PositiveInt = Field(1, description="Ray Data actors per stage (they only wait on pools)")
     stage_num_cpus: NonNegativeFloat = Field(0.1, description="logical CPUs reserved per stage actor")
-    ready_timeout_s: PositiveFloat = Field(900.0, description="max wait for placement groups and model loading")
+    ready_timeout_s: PositiveFloat = Field(900.0, description="max wait for placement groups and model loading (also a restarting replica)")
+    max_attempts: PositiveInt = Field(3, description="tries of one prompt's model call whose replica dies or hangs; then the prompt goes to the errors file")
+    call_timeout_s: PositiveFloat | None = Field(None, description="a model call running longer counts as a hung replica: it is restarted and the call retried")
 
 
 class ServeCaps(_Strict):
@@ -305,7 +308,7 @@ class FescaleConfig(_Strict):
         data = self.model_dump(mode="json", exclude={"pipeline", "serve"})
         for role in ROLES:
             spec = self.roles.get(role).model_dump(mode="json")
-            for k in ("replicas", "num_cpus", "threads", "batch_size", "env"):
+            for k in ("replicas", "num_cpus", "threads", "batch_size", "env", "max_restarts"):
                 spec.pop(k)
             data["roles"][role] = spec
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

@@ -16,6 +16,7 @@ import ray
 from tqdm import tqdm
 
 from engine.config import FescaleConfig
+from engine.errors import FescaleError
 from engine.inputs import Prompt
 from engine.pipeline import MAX_STAGES, build_pipeline, to_dataset
 from engine.placement import reserved_resources
@@ -60,6 +61,23 @@ def init_ray(cfg: FescaleConfig, address: str | None = None, *, serving: bool = 
     log.info("started a local Ray cluster with %d logical CPUs (%g reserved by model replicas)", num_cpus, replicas_cpus)
 
 
+def _surface_fescale_errors(batches):
+    """Yield the pipeline's batches; a fescale error raised in a stage (a pool out of restarts, say)
+    comes out as itself, not wrapped in Ray Data's and Ray's exceptions."""
+    try:
+        yield from batches
+    except Exception as e:
+        seen, error = set(), e
+        while error is not None and id(error) not in seen:
+            seen.add(id(error))
+            if isinstance(error, ray.exceptions.RayTaskError) and isinstance(error.cause, FescaleError):
+                raise error.cause from None
+            if isinstance(error, FescaleError) and not isinstance(error, ray.exceptions.RayTaskError):
+                raise error from None
+            error = error.__cause__ or error.__context__
+        raise
+
+
 def new_states(cfg: FescaleConfig, prompts: list[Prompt]) -> list[PromptState]:
     config_hash = cfg.config_hash()
     return [
@@ -95,13 +113,14 @@ def execute(
                 steps = build_steps(cfg, pools.clients().for_config(cfg))
                 ds = build_pipeline(to_dataset(states, cfg.pipeline.batch_size), steps, cfg.pipeline)
                 with tqdm(total=len(states), desc=f"fescale {cfg.mode}", unit="prompt", disable=not progress) as bar:
-                    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                    for batch in _surface_fescale_errors(ds.iter_batches(batch_size=None, batch_format="numpy")):
                         done = [PromptState.model_validate_json(s) for s in batch["state"]]
                         sink.write(done)
                         summary.add(done)
                         if on_rows:
                             on_rows(done)
                         bar.update(len(done))
+                summary.faults(pools.fault_counts())
     finally:
         sink.close()  # commits what finished, also when interrupted
         summary.finish()

@@ -54,8 +54,8 @@ class FescalePools:
     def clients(self) -> PoolClients:
         return self.pools.clients()
 
-    def status(self) -> dict[str, int]:
-        return {name: len(pool.replicas) for name, pool in self.pools.pools.items()}
+    async def status(self) -> dict[str, dict[str, int]]:
+        return await self.pools.health()
 
     def __del__(self):
         self.pools.shutdown()
@@ -89,7 +89,10 @@ class FescaleAPI:
 
     @api.get("/health")
     async def health(self) -> JSONResponse:
-        return JSONResponse({"status": "ok", "pools": await self.pools.status.remote()})
+        """200 "ok"; 503 "degraded" while a model replica is down (restarting), with per-pool counts."""
+        pools = await self.pools.status.remote()
+        degraded = any(p["ready"] < p["replicas"] for p in pools.values())
+        return JSONResponse({"status": "degraded" if degraded else "ok", "pools": pools}, status_code=503 if degraded else 200)
 
     @api.get("/v1/models")
     async def models(self, request: Request) -> JSONResponse:

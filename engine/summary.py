@@ -25,6 +25,8 @@ class Summary:
     edits: int = 0
     responses_unedited: int = 0  # no feedback left: kept as is, no edit spent on them
     tokens: dict[str, dict[str, int]] = field(default_factory=dict)
+    replica_restarts: int = 0  # model replicas Ray restarted after they died
+    retries: int = 0  # model calls retried because their replica died or hung
     load_s: float = 0.0  # starting the pools (placement, model loading)
     wall_s: float = 0.0  # streaming the prompts through the pipeline
     _start: float = field(default_factory=time.monotonic, repr=False)
@@ -48,6 +50,9 @@ class Summary:
                 self.feedback_sets += len(c.feedback_sets)
                 self.edits += len(c.edits)
                 self.responses_unedited += bool(c.feedback) and not c.feedback_sets
+
+    def faults(self, counts: dict[str, int]) -> None:
+        self.replica_restarts, self.retries = counts["restarts"], counts["retries"]
 
     def loaded(self) -> None:
         self.load_s = time.monotonic() - self._start
@@ -78,6 +83,7 @@ class Summary:
         ]
         for stage, t in self.tokens.items():
             rows.append((f"tokens: {stage}", f"{t['prompt_tokens']} prompt, {t['completion_tokens']} completion"))
+        rows.append(("faults", f"{self.replica_restarts} replica restarts, {self.retries} retried calls"))
         rows.append(("time", f"{d['load_s']}s loading models, {d['wall_s']}s pipeline, {d['tokens_per_s']} generated tok/s"))
         return format_table(["run summary", ""], rows)
 

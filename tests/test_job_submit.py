@@ -36,10 +36,13 @@ def ray(*args, timeout=600):
 
 @pytest.fixture()
 def cluster():
-    gcs, dashboard = free_port(), free_port()
+    gcs, dashboard, agent, metrics = free_port(), free_port(), free_port(), free_port()
     assert ray("get-auth-token", "--generate").returncode == 0
+    # Every port of its own: the session's cluster already holds the default agent port (52365), and a
+    # head whose job agent cannot bind it answers every submit with "No available agent".
     head = subprocess.Popen(
         [f"{BIN}/ray", "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1",
+         f"--dashboard-agent-listen-port={agent}", f"--metrics-export-port={metrics}",
          "--include-dashboard=true", "--num-cpus=4", "--disable-usage-stats"],
         env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )

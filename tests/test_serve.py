@@ -8,8 +8,11 @@ is down, so a feedback_edit request fails in its backend (500) while the server 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
+import os
 import re
+import signal
 import socket
 import time
 
@@ -196,3 +199,22 @@ def test_prometheus_metrics_through_ray(server, ray_session):
         time.sleep(3)
     assert not missing, missing
     assert json.loads(httpx.get(f"{server}/health").text)["pools"]
+
+
+def test_a_model_replica_killed_mid_request_is_retried_and_health_shows_the_recovery(server):
+    [pid] = httpx.get(f"{server}/health").json()["pools"]["hf:embedded"]["pids"]
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        request = pool.submit(chat, server, {"messages": HI, "fescale": {"num_responses": 2, "feedback_samples": 2}})
+        time.sleep(1.0)  # the request is in its first stages
+        os.kill(pid, signal.SIGKILL)
+        seen, deadline = [], time.monotonic() + 180
+        while time.monotonic() < deadline:
+            health = httpx.get(f"{server}/health", timeout=30)
+            seen.append(health.status_code)
+            if health.status_code == 200 and 503 in seen:
+                break
+            time.sleep(0.3)
+        answer = request.result(timeout=300)
+    assert answer.status_code == 200, answer.text  # retried on the restarted replica, transparently
+    assert 503 in seen and health.json()["status"] == "ok", seen  # degraded while it reloaded, then ok
+    assert health.json()["pools"]["hf:embedded"]["pids"] not in ([], [pid])

@@ -1,0 +1,125 @@
+"""Real faults on a local Ray cluster: a model replica's process is SIGKILLed mid-run, and a poison
+prompt crashes its replica every time (`FESCALE_CHAOS_CRASH_ON`: the replica calls `os._exit(1)`).
+Every prompt must end up exactly once: in the output, or with its reason in the errors file."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+
+from conftest import make_config
+
+pytestmark = pytest.mark.slow
+
+
+def prompts(n: int, poison_at: int | None = None):
+    from engine.inputs import Prompt
+
+    texts = [f"Question number {i}: what is {i} + {i}?" for i in range(n)]
+    if poison_at is not None:
+        texts[poison_at] = "POISON: this prompt crashes the model replica"
+    return [Prompt(id=f"p{i}", messages=[{"role": "user", "content": t}], line=i + 1) for i, t in enumerate(texts)]
+
+
+def run(cfg, items, out, on_rows=None):
+    from actors.pool import Pools
+    from engine.runner import execute
+    from engine.sinks import JsonlSink
+    from engine.summary import Summary
+
+    summary = Summary(cfg.mode, cfg.config_hash())
+    with Pools(cfg) as pools:
+        pids = [pid for pool in pools.pools.values() for pid in _pids(pools, pool)]
+        execute(cfg, items, JsonlSink(out, []), summary, pools=pools, progress=False, on_rows=on_rows(pids) if on_rows else None)
+    rows = [json.loads(line) for line in open(out)]
+    errors = [json.loads(line) for line in open(out.with_suffix(".errors.jsonl"))]
+    return summary, rows, errors
+
+
+def _pids(pools, pool):
+    import ray
+
+    return [ray.get(r.ready.remote())["pid"] for r in pool.replicas]
+
+
+def test_a_replica_killed_mid_run_is_restarted_and_every_prompt_is_written_once(ray_session, tiny_model, tmp_path):
+    cfg = make_config(tiny_model, generate={"num_responses": 2, "max_tokens": 16})
+    killed = []
+
+    def kill_after_first_rows(pids):
+        def on_rows(rows):
+            if not killed:  # later prompts are in flight in every stage now
+                os.kill(pids[0], signal.SIGKILL)
+                killed.append(pids[0])
+
+        return on_rows
+
+    summary, rows, errors = run(cfg, prompts(16), tmp_path / "out.jsonl", kill_after_first_rows)
+    assert killed
+    assert sorted(r["id"] for r in rows) == sorted(f"p{i}" for i in range(16))  # each once, none lost
+    assert errors == [] and summary.failed == 0
+    assert summary.replica_restarts == 1 and summary.retries >= 1
+
+
+def test_a_poison_prompt_fails_alone_into_the_errors_file(ray_session, tiny_model, tmp_path):
+    cfg = make_config(
+        tiny_model,
+        roles={"generator": {"model": tiny_model, "backend": "hf", "num_cpus": 1, "threads": 1, "env": {"FESCALE_CHAOS_CRASH_ON": "POISON"}}},
+        pipeline={"batch_size": 2, "max_attempts": 2, "ready_timeout_s": 300},
+    )
+    summary, rows, errors = run(cfg, prompts(8, poison_at=3), tmp_path / "out.jsonl")
+    assert sorted(r["id"] for r in rows) == sorted(f"p{i}" for i in range(8) if i != 3)
+    assert [(e["id"], e["stage"]) for e in errors] == [("p3", "generate")]
+    assert "2 times running this prompt's call alone" in errors[0]["error"] and "pipeline.max_attempts=2" in errors[0]["error"]
+    assert summary.failed == 1 and summary.prompts == 7
+    assert summary.replica_restarts >= 2  # at least once per attempt of the poison prompt
+
+
+def test_a_pool_out_of_restarts_stops_the_run_with_a_clear_error(ray_session, tiny_model, tmp_path):
+    from engine.errors import BackendError
+
+    cfg = make_config(
+        tiny_model,
+        mode="greedy",
+        roles={"generator": {"model": tiny_model, "backend": "hf", "num_cpus": 1, "threads": 1, "max_restarts": 0, "env": {"FESCALE_CHAOS_CRASH_ON": "POISON"}}},
+    )
+    with pytest.raises(Exception) as raised:
+        run(cfg, prompts(4, poison_at=0), tmp_path / "out.jsonl")
+    assert isinstance(raised.value, BackendError) or "out of restarts" in str(raised.value)
+
+
+def test_a_crash_between_shard_rename_and_manifest_line_resumes_exactly_once(tmp_path, tiny_model):
+    """`fescale distill` dies (os._exit) right after part-00001's files are renamed into place, before
+    its manifest line: the rerun deletes those unlisted files and redoes their prompts, once."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from conftest import REPO
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({
+        "mode": "greedy",
+        "roles": {"generator": {"model": tiny_model, "backend": "hf", "num_cpus": 1, "threads": 1}},
+        "generate": {"max_tokens": 4},
+        "pipeline": {"batch_size": 2},
+    }))
+    source = tmp_path / "prompts.jsonl"
+    source.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"Question {i}?"}) + "\n" for i in range(8)))
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "engine.cli", "distill", "--config", str(config), "--input", str(source), "--output-dir", str(out), "--shard-size", "2", "--quiet"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": ""}
+
+    crashed = subprocess.run(args, cwd=REPO, env={**env, "FESCALE_CHAOS_EXIT_BEFORE_MANIFEST": "part-00001"}, capture_output=True, text=True, timeout=600)
+    assert crashed.returncode == 1, crashed.stderr[-3000:]
+    assert (out / "data" / "part-00001.jsonl").exists() and "part-00001" not in (out / "manifest.jsonl").read_text()
+
+    resumed = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "not in the manifest (an interrupted commit)" in resumed.stderr
+    ids = [json.loads(line)["id"] for f in sorted((out / "data").glob("part-*.jsonl")) for line in open(f)]
+    assert sorted(ids) == [f"q{i}" for i in range(8)]  # every prompt exactly once
