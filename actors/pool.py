@@ -328,18 +328,22 @@ class Pools:
         self.policy = RetryPolicy(p.max_attempts, p.call_timeout_s, p.ready_timeout_s)
 
     def __enter__(self) -> "Pools":
-        try:
-            self.start()
-        except BaseException:
-            self.shutdown()  # a later pool failed: release the replicas already started
-            raise
+        self.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
 
     def start(self) -> None:
+        """Reserve, start and wait for every replica; on any failure release what was started."""
         check_models(self.cfg, pools=self.pools.values())  # fail on a bad path before reserving anything
+        try:
+            self._start()
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _start(self) -> None:
         timeout = self.cfg.pipeline.ready_timeout_s
         started = time.monotonic()
         self.events = PoolEvents.remote()

@@ -58,16 +58,19 @@ def request_config(base: FescaleConfig, req: ChatCompletionRequest) -> FescaleCo
 
 
 def check_caps(cfg: FescaleConfig, base: FescaleConfig) -> None:
+    """Limits on what a request asks for; the server's own defaults are the operator's choice, not capped."""
     caps = base.serve.caps
-    n, m = cfg.generate.num_responses, cfg.feedback.samples
-    limits = [
-        ("fescale.num_responses", n, "max_responses"),
-        ("max_tokens", cfg.generate.max_tokens, "max_tokens"),
-    ]
-    if cfg.spec.feedback:
-        limits += [("fescale.feedback_samples", m, "max_feedback_samples"), ("num_responses x feedback_samples", n * m, "max_feedback_per_request")]
-    if cfg.spec.edit != "none":
-        limits.append(("fescale.edits_per_set", cfg.edit.edits_per_set, "max_edits_per_set"))
-    for name, value, cap in limits:
-        if value > getattr(caps, cap):
+
+    def work(c: FescaleConfig) -> list[tuple[str, int, str]]:
+        n, m = c.generate.num_responses, c.feedback.samples
+        limits = [("fescale.num_responses", n, "max_responses"), ("max_tokens", c.generate.max_tokens, "max_tokens")]
+        if c.spec.feedback:
+            limits += [("fescale.feedback_samples", m, "max_feedback_samples"), ("num_responses x feedback_samples", n * m, "max_feedback_per_request")]
+        if c.spec.edit != "none":
+            limits.append(("fescale.edits_per_set", c.edit.edits_per_set, "max_edits_per_set"))
+        return limits
+
+    defaults = {name: value for name, value, _ in work(base)}
+    for name, value, cap in work(cfg):
+        if value > getattr(caps, cap) and value != defaults.get(name):
             raise RequestError(f"{name}={value} exceeds this server's cap serve.caps.{cap}={getattr(caps, cap)}")

@@ -49,7 +49,7 @@ class FescalePools:
     def __init__(self, config: dict[str, Any]):
         cfg = build_config(config, "serve app config")
         self.pools = Pools(cfg, cfg.served_modes())
-        self.pools.__enter__()
+        self.pools.start()
 
     def clients(self) -> PoolClients:
         return self.pools.clients()
