@@ -8,8 +8,8 @@ Faults, each on the embedded model on a local Ray cluster:
   errors file while the rest of the run goes on.
 - `crash before manifest line`: `fescale distill` dies between a shard's rename and its manifest line
   (`FESCALE_CHAOS_EXIT_BEFORE_MANIFEST`); the rerun deletes the unlisted shard and redoes its prompts.
-- `flaky endpoint`: every role on the OpenAI backend, through a proxy that answers every 3rd request
-  with a 500, a 429 (Retry-After: 1), a reset connection or malformed JSON, in front of a real
+- `flaky endpoint`: every role on the OpenAI backend, through a proxy that answers every 2nd request
+  with a 500, a 429 (Retry-After: 1), a reset connection or malformed JSON (in turn), in front of a real
   OpenAI-compatible server (fescale's own Serve app, greedy).
 
 Per fault: injected count, rows lost (in neither the output nor the errors file), rows duplicated,
@@ -45,7 +45,7 @@ from engine.sinks import JsonlSink
 from engine.summary import Summary, format_table
 
 REPO = Path(__file__).resolve().parent.parent
-SMALL = ["generate.max_tokens=16", "feedback.max_tokens=12", "edit.max_tokens=16", "roles.generator.num_cpus=1", "roles.generator.threads=2"]
+SMALL = ["generate.max_tokens=16", "feedback.max_tokens=12", "edit.max_tokens=16", "roles.generator.num_cpus=1", "roles.generator.threads=2", "pipeline.batch_size=2"]
 POISON = "POISON"
 
 
@@ -81,15 +81,28 @@ def run_pipeline(cfg, prompts: list[Prompt], out: Path, kills: int = 0) -> dict:
                 pid = ray.get(replica.ready.remote())["pid"]
                 killed_at = time.monotonic()
                 os.kill(pid, signal.SIGKILL)
-                threading.Thread(target=lambda: (ray.get(replica.ready.remote()), restarts_s.append(time.monotonic() - killed_at)), daemon=True).start()
+                threading.Thread(target=time_restart, args=(replica, killed_at, restarts_s), daemon=True).start()
 
         started = time.monotonic()
         execute(cfg, prompts, JsonlSink(out, []), summary, pools=pools, progress=False, on_rows=kill_on_schedule if kills else None)
         seconds = time.monotonic() - started
     ids = [json.loads(line)["id"] for line in open(out)]
     failed = [json.loads(line)["id"] for line in open(out.with_suffix(".errors.jsonl"))]
-    reasons = sorted({json.loads(line)["error"].split(";")[0] for line in open(out.with_suffix(".errors.jsonl"))})
+    reasons = sorted({json.loads(line)["error"].split(" (")[0] for line in open(out.with_suffix(".errors.jsonl"))})
     return {"seconds": seconds, "restart_s": restarts_s, "summary": summary, "reasons": reasons, **tally(ids, failed, [p.id for p in prompts])}
+
+
+def time_restart(replica, killed_at: float, out: list[float]) -> None:
+    """Seconds from a kill until the restarted replica answers (unavailable while Ray restarts it)."""
+    while True:
+        try:
+            ray.get(replica.ready.remote(), timeout=900)
+            break
+        except ray.exceptions.ActorUnavailableError:
+            time.sleep(0.2)
+        except ray.exceptions.RayActorError:
+            return  # the run ended and its pools were shut down first
+    out.append(time.monotonic() - killed_at)
 
 
 def run_distill_crash(n: int, workdir: Path) -> dict:
@@ -116,7 +129,7 @@ class FlakyProxy:
 
     FAULTS = ("500", "429", "reset", "malformed")
 
-    def __init__(self, upstream: str, every: int = 3):
+    def __init__(self, upstream: str, every: int = 2):
         self.injected: Counter = Counter()
         host, port = upstream.split(":")
         count = [0]
@@ -208,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         ("replica SIGKILL", str(kills), str(killed["lost"]), str(killed["duplicated"]), str(killed["failed"]), f"{extra(killed, clean)} (restart to ready {mean(killed['restart_s'])})",
          f"{killed['summary'].replica_restarts} restarts, {killed['summary'].retries} retried calls"),
         ("poison prompts", str(poison), str(poisoned["lost"]), str(poisoned["duplicated"]), str(poisoned["failed"]), extra(poisoned, clean),
-         f"{poisoned['summary'].replica_restarts} restarts; errors file: {'; '.join(poisoned['reasons'])[:90]}"),
+         f"{poisoned['summary'].replica_restarts} restarts; errors file: {'; '.join(poisoned['reasons'])}"),
         ("crash before manifest line", "1", str(crash["lost"]), str(crash["duplicated"]), "0", f"resume {crash['seconds']:.1f} s",
          f"rerun redid {crash['redone']} prompts (the unlisted shard's and the rest)"),
         ("flaky endpoint", str(flaky["injected"]), str(flaky["lost"]), str(flaky["duplicated"]), str(flaky["failed"]), extra(flaky, endpoint_clean),

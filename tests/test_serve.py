@@ -65,6 +65,20 @@ def server(ray_session, embedded_dir):
     serve.shutdown()
 
 
+def wait_healthy(url: str, timeout: float = 180, check=lambda: None) -> None:
+    """Until GET /health answers 200; `check` runs every round (e.g. asserting a server process lives)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        check()
+        try:
+            if httpx.get(f"{url}/health", timeout=10).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise AssertionError(f"{url}/health did not answer 200 within {timeout}s")
+
+
 def chat(server: str, body: dict, headers: dict | None = None) -> httpx.Response:
     return httpx.post(f"{server}/v1/chat/completions", json=body, headers=AUTH if headers is None else headers, timeout=300)
 
@@ -218,3 +232,17 @@ def test_a_model_replica_killed_mid_request_is_retried_and_health_shows_the_reco
     assert answer.status_code == 200, answer.text  # retried on the restarted replica, transparently
     assert 503 in seen and health.json()["status"] == "ok", seen  # degraded while it reloaded, then ok
     assert health.json()["pools"]["hf:embedded"]["pids"] not in ([], [pid])
+
+
+def test_an_ingress_replica_killed_mid_request_fails_that_request_and_serve_replaces_it(server):
+    import psutil
+
+    [ingress] = [p for p in psutil.process_iter(["cmdline"]) if "FescaleAPI" in " ".join(p.info["cmdline"] or [])]
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        request = pool.submit(chat, server, {"messages": HI, "fescale": {"num_responses": 2, "feedback_samples": 2}})
+        time.sleep(1.0)
+        ingress.kill()
+        answer = request.result(timeout=300)
+    assert answer.status_code >= 500  # that request is lost with its replica; clients retry 5xx
+    wait_healthy(server)
+    assert chat(server, {"messages": HI, "fescale": {"mode": "greedy"}}).status_code == 200  # a new replica serves

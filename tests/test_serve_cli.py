@@ -14,24 +14,11 @@ import httpx
 import pytest
 import yaml
 
-from test_serve import free_port
+from test_serve import free_port, wait_healthy
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 SMALL = ["--set", "roles.generator.num_cpus=1", "--set", "generate.max_tokens=8", "--set", "serve.modes=[greedy]"]
-
-
-def wait_healthy(proc: subprocess.Popen, url: str, log: Path, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, log.read_text()[-3000:]
-        try:
-            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(2)
-    raise AssertionError(f"no /health within {timeout}s:\n{log.read_text()[-3000:]}")
 
 
 def serve_and_ask(cmd: list[str], port: int, tmp_path: Path, stop: int) -> str:
@@ -41,7 +28,7 @@ def serve_and_ask(cmd: list[str], port: int, tmp_path: Path, stop: int) -> str:
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
-        wait_healthy(proc, f"http://127.0.0.1:{port}", log)
+        wait_healthy(f"http://127.0.0.1:{port}", 300, check=lambda: _alive(proc, log))
         r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json={"messages": [{"role": "user", "content": "Say hi."}]}, timeout=120)
         assert r.status_code == 200, r.text
         proc.send_signal(stop)
@@ -50,6 +37,10 @@ def serve_and_ask(cmd: list[str], port: int, tmp_path: Path, stop: int) -> str:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     return r.json()["choices"][0]["message"]["content"]
+
+
+def _alive(proc: subprocess.Popen, log: Path) -> None:
+    assert proc.poll() is None, log.read_text()[-3000:]
 
 
 def test_fescale_serve_answers_and_stops_on_sigterm(embedded_dir, tmp_path):
