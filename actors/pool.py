@@ -199,6 +199,8 @@ class PoolClient:
                 what = f"no answer within pipeline.call_timeout_s={self.policy.call_timeout_s}" if hung else _cause(e)
                 if call_id is not None and (hung or await self.events.blamed.remote(self.replicas[i]._actor_id.hex()) == call_id):
                     failures += 1  # it ran alone when the replica died or hung: its own fault
+                if hung:
+                    ray.kill(self.replicas[i], no_restart=False)  # restart it: a hung call may hold it (isolated)
                 if failures >= self.policy.max_attempts:
                     raise RequestError(
                         f"pool {self.name}: a replica died or hung {failures} times running this prompt's call "
@@ -206,8 +208,6 @@ class PoolClient:
                     ) from None
                 log.warning("pool %s: a replica failed a call (%s); retrying it alone once the replica is back", self.name, what)
                 call_id = call_id or uuid.uuid4().hex
-                if hung:
-                    ray.kill(self.replicas[i], no_restart=False)  # restart it
                 failed_on = i
                 if len(self.replicas) == 1:
                     await self._wait_ready(i)  # else the retry goes to another replica at once
