@@ -85,8 +85,9 @@ class ModelReplica:
     back `isolated`: it runs alone on the replica (no other call in flight), and the events actor knows
     it is running, so if the replica dies again the crash is that call's and nobody else's.
 
-    `FESCALE_CHAOS_CRASH_ON=<text>` in a replica's env kills its process on any request containing the
-    text: fault injection for the chaos tests and `benchmarks/chaos.py` (a real crash, not a mock).
+    Fault injection for the chaos tests and `benchmarks/chaos.py`, from the replica's env: a request
+    containing `FESCALE_CHAOS_CRASH_ON` kills the process (a real crash, not a mock); one containing
+    `FESCALE_CHAOS_HANG_ON` never gets an answer.
     """
 
     def __init__(self, spec: BackendSpec, events):
@@ -94,6 +95,7 @@ class ModelReplica:
         self.id = ray.get_runtime_context().get_actor_id()
         ray.get(events.starting.remote(self.id, ray.get_runtime_context().was_current_actor_reconstructed))
         self.crash_on = os.environ.get("FESCALE_CHAOS_CRASH_ON")
+        self.hang_on = os.environ.get("FESCALE_CHAOS_HANG_ON")
         self.backend = make_backend(spec)
         ray.get(events.up.remote(self.id))
         self._gate = asyncio.Condition()
@@ -135,8 +137,13 @@ class ModelReplica:
         await self.backend.close()
 
     async def _run(self, method: str, requests: list) -> list:
-        if self.crash_on and any(self.crash_on in m["content"] for r in requests for m in r.messages):
+        def contains(text: str | None) -> bool:
+            return bool(text) and any(text in m["content"] for r in requests for m in r.messages)
+
+        if contains(self.crash_on):
             os._exit(1)
+        if contains(self.hang_on):
+            await asyncio.Event().wait()  # never answers
         return await getattr(self.backend, method)(requests)
 
 
@@ -153,7 +160,7 @@ class PoolClient:
     """Calls one pool's replicas; the least busy (from this client's view) gets each call.
 
     A call whose replica dies (or outlives `call_timeout_s`; the replica is then killed and restarted)
-    is retried, isolated, once the replica is back. Only a death while the call ran alone counts
+    is retried, isolated, on another replica, or on the same one once it is back. Only a death while the call ran alone counts
     against its `max_attempts`: a poison input that crashes its replica every time fails alone, as a
     `RequestError` for its prompt, while the calls that merely shared a crash with it succeed. A replica
     that stays dead (restarts used up) is a `BackendError`: the pool is gone.
@@ -180,8 +187,10 @@ class PoolClient:
             return []
         call_id: str | None = None  # set once the call has been through a crash: it is retried isolated
         failures = 0
+        failed_on: int | None = None
         while True:
-            i = min(range(len(self.replicas)), key=self._in_flight.__getitem__)
+            others = [k for k in range(len(self.replicas)) if k != failed_on] or [failed_on]
+            i = min(others, key=self._in_flight.__getitem__)
             try:
                 return await self._once(i, method, requests, call_id)
             except (ray.exceptions.RayActorError, asyncio.TimeoutError) as e:
@@ -190,6 +199,8 @@ class PoolClient:
                 what = f"no answer within pipeline.call_timeout_s={self.policy.call_timeout_s}" if hung else _cause(e)
                 if call_id is not None and (hung or await self.events.blamed.remote(self.replicas[i]._actor_id.hex()) == call_id):
                     failures += 1  # it ran alone when the replica died or hung: its own fault
+                if hung:
+                    ray.kill(self.replicas[i], no_restart=False)  # restart it: a hung call may hold it (isolated)
                 if failures >= self.policy.max_attempts:
                     raise RequestError(
                         f"pool {self.name}: a replica died or hung {failures} times running this prompt's call "
@@ -197,9 +208,9 @@ class PoolClient:
                     ) from None
                 log.warning("pool %s: a replica failed a call (%s); retrying it alone once the replica is back", self.name, what)
                 call_id = call_id or uuid.uuid4().hex
-                if hung:
-                    ray.kill(self.replicas[i], no_restart=False)  # restart it
-                await self._wait_ready(i)
+                failed_on = i
+                if len(self.replicas) == 1:
+                    await self._wait_ready(i)  # else the retry goes to another replica at once
 
     async def _once(self, i: int, method: str, requests: list, call_id: str | None) -> list:
         self._in_flight[i] += 1

@@ -78,6 +78,38 @@ def test_a_poison_prompt_fails_alone_into_the_errors_file(ray_session, tiny_mode
     assert summary.replica_restarts >= 2  # at least once per attempt of the poison prompt
 
 
+def test_a_prompt_that_hangs_its_replica_times_out_alone(ray_session, tiny_model, tmp_path):
+    cfg = make_config(
+        tiny_model,
+        mode="greedy",
+        roles={"generator": {"model": tiny_model, "backend": "hf", "num_cpus": 1, "threads": 1, "env": {"FESCALE_CHAOS_HANG_ON": "HANG"}}},
+        pipeline={"batch_size": 2, "max_attempts": 2, "call_timeout_s": 5, "ready_timeout_s": 300},
+    )
+    items = prompts(6)
+    items[2].messages[0]["content"] = "HANG: this prompt never gets an answer"
+    summary, rows, errors = run(cfg, items, tmp_path / "out.jsonl")
+    assert sorted(r["id"] for r in rows) == ["p0", "p1", "p3", "p4", "p5"]
+    assert [e["id"] for e in errors] == ["p2"] and "no answer within pipeline.call_timeout_s=5.0" in errors[0]["error"]
+    assert summary.replica_restarts >= 2  # the hung replica is restarted after each timeout
+
+
+def test_with_two_replicas_a_dead_one_is_routed_around(ray_session, tiny_model, tmp_path):
+    cfg = make_config(tiny_model, roles={"generator": {"model": tiny_model, "backend": "hf", "num_cpus": 1, "threads": 1, "replicas": 2}})
+    killed = []
+
+    def kill_one(pids):
+        def on_rows(rows):
+            if not killed:
+                os.kill(pids[0], signal.SIGKILL)
+                killed.append(pids[0])
+
+        return on_rows
+
+    summary, rows, errors = run(cfg, prompts(12), tmp_path / "out.jsonl", kill_one)
+    assert sorted(r["id"] for r in rows) == sorted(f"p{i}" for i in range(12)) and errors == []
+    assert summary.retries >= 1
+
+
 def test_a_pool_out_of_restarts_stops_the_run_with_a_clear_error(ray_session, tiny_model, tmp_path):
     from engine.errors import BackendError
 
