@@ -125,9 +125,10 @@ class ModelReplica:
             self._isolated = True
         try:
             await self.events.run.remote(self.id, isolated)
-            result = await self._run(method, requests)
-            await self.events.run.remote(self.id, None)
-            return result
+            try:
+                return await self._run(method, requests)
+            finally:  # also after the backend's own error: only a crash leaves the call registered
+                await self.events.run.remote(self.id, None)
         finally:
             async with self._gate:
                 self._isolated = False
@@ -160,8 +161,8 @@ class PoolClient:
     """Calls one pool's replicas; the least busy (from this client's view) gets each call.
 
     A call whose replica dies (or outlives `call_timeout_s`; the replica is then killed and restarted)
-    is retried, isolated, on another replica, or on the same one once it is back. Only a death while the call ran alone counts
-    against its `max_attempts`: a poison input that crashes its replica every time fails alone, as a
+    is retried, isolated, on another replica, or on the same one once it is back. Only a death while
+    the call ran alone counts against its `max_attempts`: a poison input that crashes its replica every time fails alone, as a
     `RequestError` for its prompt, while the calls that merely shared a crash with it succeed. A replica
     that stays dead (restarts used up) is a `BackendError`: the pool is gone.
     """
@@ -206,7 +207,7 @@ class PoolClient:
                         f"pool {self.name}: a replica died or hung {failures} times running this prompt's call "
                         f"alone ({what}); giving up on the prompt (pipeline.max_attempts={self.policy.max_attempts})"
                     ) from None
-                log.warning("pool %s: a replica failed a call (%s); retrying it alone once the replica is back", self.name, what)
+                log.warning("pool %s: a replica failed a call (%s); retrying it alone", self.name, what)
                 call_id = call_id or uuid.uuid4().hex
                 failed_on = i
                 if len(self.replicas) == 1:
@@ -227,19 +228,17 @@ class PoolClient:
     async def _wait_ready(self, i: int) -> None:
         """Until Ray has restarted replica i; a replica that stays dead fails the pool."""
         deadline = time.monotonic() + self.policy.ready_timeout_s
-        while True:
+        while time.monotonic() < deadline:
             try:
                 await asyncio.wait_for(self.replicas[i].ready.remote(), max(1.0, deadline - time.monotonic()))
                 return
             except ray.exceptions.ActorUnavailableError:
-                pass  # restarting
+                await asyncio.sleep(1.0)  # restarting
             except ray.exceptions.RayActorError as e:
                 raise BackendError(f"pool {self.name}: a replica is dead and out of restarts (roles.*.max_restarts): {_cause(e)}") from None
             except asyncio.TimeoutError:
-                raise BackendError(f"pool {self.name}: a replica did not come back within pipeline.ready_timeout_s={self.policy.ready_timeout_s}") from None
-            if time.monotonic() > deadline:
-                raise BackendError(f"pool {self.name}: a replica did not come back within pipeline.ready_timeout_s={self.policy.ready_timeout_s}")
-            await asyncio.sleep(1.0)
+                break
+        raise BackendError(f"pool {self.name}: a replica did not come back within pipeline.ready_timeout_s={self.policy.ready_timeout_s}")
 
 
 PoolKey = tuple

@@ -171,15 +171,13 @@ def run_flaky_endpoint(prompts: list[Prompt], workdir: Path) -> tuple[dict, dict
     """The same greedy prompts through the OpenAI backend: straight to the server, then through the flaky proxy."""
     from ray import serve
 
-    from engine.serve_app import APP_NAME, fescale_app
+    from engine.serve_app import run_app
 
-    port = 8799
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(fescale_app(load_config("greedy", [*SMALL[:1], "roles.generator.num_cpus=1"])), name=APP_NAME, route_prefix="/")
+    base = run_app(load_config("greedy", [*SMALL[:1], "roles.generator.num_cpus=1", "serve.port=8799"]))
     results = []
     try:
-        for name, url in (("clean", f"http://127.0.0.1:{port}/v1"), ("flaky", None)):
-            proxy = FlakyProxy(f"127.0.0.1:{port}") if name == "flaky" else None
+        for name, url in (("clean", f"{base}/v1"), ("flaky", None)):
+            proxy = FlakyProxy(base.removeprefix("http://")) if name == "flaky" else None
             endpoint = {"base_url": proxy.url if proxy else url, "max_retries": 5, "timeout_s": 60}
             cfg = load_config("greedy", [f"roles.generator={json.dumps({'model': 'fescale', 'backend': 'openai', 'num_cpus': 0.1, 'endpoint': endpoint})}", "generate.max_tokens=16"])
             result = run_pipeline(cfg, prompts, workdir / f"endpoint-{name}.jsonl")

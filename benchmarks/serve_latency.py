@@ -77,16 +77,13 @@ def report(records: list[dict], its_label: str) -> tuple[str, dict]:
 
 
 def start_server(config: str, overrides: list[str], port: int):
-    from ray import serve
-
     from engine.config import load_config
     from engine.runner import init_ray
-    from engine.serve_app import APP_NAME, fescale_app
+    from engine.serve_app import run_app
 
     cfg = load_config(config, [*overrides, f"serve.port={port}", "serve.host=127.0.0.1"])
     init_ray(cfg, serving=True)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(fescale_app(cfg), name=APP_NAME, route_prefix="/")
+    run_app(cfg)
     return cfg
 
 

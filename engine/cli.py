@@ -171,7 +171,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.print_config:
         print(cfg.to_yaml())
         return 0
-    from engine.serve_app import APP_NAME, fescale_app, serve_config_file
+    from engine.serve_app import run_app, serve_config_file
 
     if args.write_serve_config:
         Path(args.write_serve_config).write_text(serve_config_file(cfg))
@@ -184,13 +184,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     check_models(cfg, cfg.served_modes())
     init_ray(cfg, args.address, serving=True, metrics_port=args.metrics_port)
-    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     started = time.monotonic()
     try:
-        serve.run(fescale_app(cfg), name=APP_NAME, route_prefix="/")
+        url = run_app(cfg) + "/v1"
     except RuntimeError as e:  # a deployment failed to start; Serve's message names the replica's error
         raise FescaleError(f"the Serve app did not start: {e}") from None
-    url = f"http://{cfg.serve.host}:{cfg.serve.port}/v1"
     log.info("serving model %r at %s (modes %s) after %.1fs; Ctrl-C stops", cfg.serve.model_name, url, ", ".join(cfg.served_modes()), time.monotonic() - started)
     signal.signal(signal.SIGTERM, _interrupt)
     try:

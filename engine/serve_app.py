@@ -165,6 +165,14 @@ def fescale_app(cfg: FescaleConfig) -> serve.Application:
     return FescaleAPI.options(**options).bind(pools, data)
 
 
+def run_app(cfg: FescaleConfig) -> str:
+    """Start Serve's HTTP proxy on `serve.host:serve.port` and deploy the app (returns once it is
+    ready, or raises Serve's RuntimeError naming the replica that failed); the base URL."""
+    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    serve.run(fescale_app(cfg), name=APP_NAME, route_prefix="/")
+    return f"http://{cfg.serve.host}:{cfg.serve.port}"
+
+
 def serve_config_file(cfg: FescaleConfig) -> str:
     """A Serve config file (YAML) for `serve run` / `serve deploy`, carrying the resolved config inline.
 

@@ -76,7 +76,9 @@ def test_time_based_flush_commits_a_partial_shard(tmp_path):
     assert all_ids(tmp_path) == ["p0"]
 
 
-def test_distill_cli_resumes_with_every_prompt_once(tmp_path, tiny_model):
+def tiny_distill(tmp_path, tiny_model, lines: list[str]):
+    """`fescale distill` (greedy, the tiny model, shards of 2) over these input lines, as a subprocess:
+    (distill(*extra_args, env=extra_env) -> CompletedProcess, output dir)."""
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump({
         "mode": "greedy",
@@ -85,13 +87,23 @@ def test_distill_cli_resumes_with_every_prompt_once(tmp_path, tiny_model):
         "pipeline": {"batch_size": 2},
     }))
     prompts = tmp_path / "prompts.jsonl"
-    rows = [json.dumps({"id": f"q{i}", "prompt": f"Question {i}?"}) for i in range(5)]
-    prompts.write_text("\n".join(rows[:2] + ["{broken"] + rows[2:]) + "\n")
+    prompts.write_text("\n".join(lines) + "\n")
     out = tmp_path / "out"
 
-    def distill(*extra):
+    def distill(*extra, env=None):
         args = ["distill", "--config", str(config), "--input", str(prompts), "--output-dir", str(out), "--shard-size", "2", "--quiet", *extra]
-        return subprocess.run([sys.executable, "-m", "engine.cli", *args], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+        return subprocess.run([sys.executable, "-m", "engine.cli", *args], cwd=REPO, env={**ENV, **(env or {})}, capture_output=True, text=True, timeout=600)
+
+    return distill, out
+
+
+def question(i: int) -> str:
+    return json.dumps({"id": f"q{i}", "prompt": f"Question {i}?"})
+
+
+def test_distill_cli_resumes_with_every_prompt_once(tmp_path, tiny_model):
+    rows = [question(i) for i in range(5)]
+    distill, out = tiny_distill(tmp_path, tiny_model, rows[:2] + ["{broken"] + rows[2:])
 
     first = distill("--limit", "3")
     assert first.returncode == 0, first.stderr[-3000:]
@@ -106,3 +118,19 @@ def test_distill_cli_resumes_with_every_prompt_once(tmp_path, tiny_model):
     assert summary["resumed"] == 3 and summary["prompts"] == 2 and summary["input_errors"] == 1
     changed = distill("--set", "seed=7")
     assert changed.returncode == 2 and "resume with the same config" in changed.stderr
+
+
+@pytest.mark.slow
+def test_a_crash_between_shard_rename_and_manifest_line_resumes_exactly_once(tmp_path, tiny_model):
+    """`fescale distill` dies (os._exit) right after part-00001's files are renamed into place, before
+    its manifest line: the rerun deletes those unlisted files and redoes their prompts, once."""
+    distill, out = tiny_distill(tmp_path, tiny_model, [question(i) for i in range(8)])
+
+    crashed = distill(env={"FESCALE_CHAOS_EXIT_BEFORE_MANIFEST": "part-00001"})
+    assert crashed.returncode == 1, crashed.stderr[-3000:]
+    assert (out / "data" / "part-00001.jsonl").exists() and "part-00001" not in (out / "manifest.jsonl").read_text()
+
+    resumed = distill()
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "not in the manifest (an interrupted commit)" in resumed.stderr
+    assert sorted(all_ids(out)) == [f"q{i}" for i in range(8)]  # every prompt exactly once

@@ -38,7 +38,7 @@ def free_port() -> int:
 def server(ray_session, embedded_dir):
     from ray import serve
 
-    from engine.serve_app import APP_NAME, fescale_app
+    from engine.serve_app import run_app
 
     port = free_port()
     cfg = make_config(
@@ -52,6 +52,8 @@ def server(ray_session, embedded_dir):
         feedback={"plan": "2@0.7", "max_tokens": 8, "guided_level": True},
         edit={"max_tokens": 8},
         serve={
+            "host": "127.0.0.1",
+            "port": port,
             "api_keys": [KEY],
             "max_ongoing_requests": 4,
             "max_queued_requests": 4,
@@ -59,9 +61,7 @@ def server(ray_session, embedded_dir):
             "caps": {"max_responses": 4, "max_feedback_samples": 4, "max_feedback_per_request": 8},
         },
     )
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(fescale_app(cfg), name=APP_NAME, route_prefix="/")
-    yield f"http://127.0.0.1:{port}"
+    yield run_app(cfg)
     serve.shutdown()
 
 
