@@ -47,7 +47,7 @@ def judge_url(ray_session, embedded_dir):
     serve.shutdown()
 
 
-def test_tiny_sweep_end_to_end(judge_url, tmp_path):
+def test_tiny_sweep_end_to_end(judge_url, embedded_dir, tmp_path):
     from benchmarks.arena_hard.formats import Answer, read_answers, read_judgments
     from benchmarks.arena_hard.sweep import load_grid, pick_for_budget, run_sweep
 
@@ -55,8 +55,8 @@ def test_tiny_sweep_end_to_end(judge_url, tmp_path):
     (tmp_path / "gpt-4-0314.jsonl").write_text(
         "".join(json.dumps(Answer(qid, "gpt-4-0314", text, 2, "v0.1").to_row()) + "\n" for qid, text in BASELINE.items())
     )
-    config = {
-        "roles": {"generator": {"model": "embedded", "backend": "hf", "num_cpus": 1, "threads": 2}},
+    config = {  # the model's folder, not "embedded": its own pool, beside the judge's in the same cluster
+        "roles": {"generator": {"model": embedded_dir, "backend": "hf", "num_cpus": 1, "threads": 2}},
         "generate": {"max_tokens": 12},
     }
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(config))

@@ -175,7 +175,7 @@ class Judge:
         user_prompt = self.cfg.prompt_template.format(question=question.prompt, answer_a=answer_a, answer_b=answer_b)
         messages = [{"role": "system", "content": self.cfg.system_prompt_for(question)}, {"role": "user", "content": user_prompt}]
         judgment, verdict = "", Verdict(None, True)
-        for attempt in range(self.cfg.attempts):
+        for _ in range(self.cfg.attempts):
             text = await self.complete(messages)
             judgment += "\n" + text
             verdict = parse_verdict(judgment)
