@@ -6,6 +6,7 @@
     ray job submit --working-dir . -- fescale distill --input data/prompts.jsonl --output-dir /shared/out
     fescale serve --port 8000            # OpenAI-compatible Ray Serve app; per-request knobs in `fescale: {...}`
     fescale serve --write-serve-config serve.yaml && serve run serve.yaml
+    fescale train edit-sft --set data.dir=/data/HelpSteer3 --set output_dir=runs/edit-sft   # Ray Train + DeepSpeed
 """
 
 from __future__ import annotations
@@ -72,6 +73,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--metrics-port", type=int, help="Prometheus port of Ray's metrics agent on a local cluster [random]")
     serve.add_argument("--write-serve-config", metavar="PATH", help="write a Serve config file for `serve run`/`serve deploy` and exit")
     serve.set_defaults(func=cmd_serve)
+
+    train = sub.add_parser(
+        "train",
+        help="train a stage on Ray Train + DeepSpeed (feedback-sft, edit-sft, distill-sft, edit-rm, edit-rloo)",
+        description="Prepares the stage's data as the HelpSteer3 paper does (printing what it keeps and drops), then "
+        "trains with the paper's defaults; checkpoints under OUTPUT/ray, the best model in OUTPUT/model. Rerunning "
+        "the same command resumes from the latest checkpoint.",
+    )
+    train.add_argument("stage", choices=["feedback-sft", "edit-sft", "distill-sft", "edit-rm", "edit-rloo"])
+    train.add_argument("--config", help="a YAML file or a preset of configs/train (default: the preset named after the stage)")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key, e.g. --set optim.max_steps=20 (repeatable)")
+    train.add_argument("--dry-run", action="store_true", help="prepare the data, print the report and the step plan, and stop")
+    train.set_defaults(func=cmd_train)
 
     prepare = sub.add_parser("prepare", help="dequantize the embedded SmolLM2 model into the local cache (once)")
     prepare.set_defaults(func=cmd_prepare)
@@ -198,6 +212,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log.info("shutting down the Serve app")
     finally:
         serve.shutdown()
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from train.config import load_train_config
+    from train.runner import train
+
+    cfg = load_train_config(args.config or args.stage, args.stage, args.set)
+    final = train(cfg, dry_run=args.dry_run)
+    if final is not None:
+        print(f"model: {final}")
     return 0
 
 
