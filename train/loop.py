@@ -74,12 +74,13 @@ def deepspeed_config(cfg: TrainConfig, items_per_step: int, world: int) -> dict:
             # DeepSpeed's fused CPU Adam needs a compiler toolchain at run time; torch's AdamW runs anywhere.
             "params": {"lr": cfg.lr, "weight_decay": cfg.optim.weight_decay, "torch_adam": not cfg.resources.use_gpu},
         },
-        "scheduler": {  # linear warmup, then constant: the paper's schedule
-            "type": "WarmupLR",
-            "params": {"warmup_min_lr": 0.0, "warmup_max_lr": cfg.lr, "warmup_num_steps": cfg.optim.warmup_steps, "warmup_type": "linear"},
-        },
         "steps_per_print": 10**9,  # the loop logs
     }
+    if cfg.optim.warmup_steps:  # linear warmup, then constant: the paper's schedule
+        ds["scheduler"] = {
+            "type": "WarmupLR",
+            "params": {"warmup_min_lr": 0.0, "warmup_max_lr": cfg.lr, "warmup_num_steps": cfg.optim.warmup_steps, "warmup_type": "linear"},
+        }
     if cfg.resources.use_gpu:
         ds["bf16"] = {"enabled": True}
     return _merge(ds, cfg.deepspeed.extra)

@@ -23,7 +23,7 @@ import ray
 
 from actors.chat_format import ChatFormatter
 from actors.models import resolve_model
-from engine.errors import ConfigError
+from engine.errors import BackendError, ConfigError
 from train import data, prepare, tokens
 from train.config import TrainConfig
 
@@ -183,7 +183,11 @@ def _fit(cfg: TrainConfig, prepared: Prepared, total: int, extras: dict, out: Pa
             worker_runtime_env={"env_vars": env},
         ),
     )
-    return trainer.fit()
+    try:
+        return trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise BackendError(f"{cfg.stage} failed on a training worker (after {cfg.resources.max_failures} restarts): {lines[-1] if lines else e}") from None
 
 
 def _export_best(result, out: Path) -> Path:
