@@ -132,4 +132,4 @@ def load_train_config(path: str | Path | None, stage: str | None = None, overrid
     try:
         return TrainConfig.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(format_validation_error(e, source).replace("invalid config", "invalid training config")) from None
+        raise ConfigError(format_validation_error(e, source, TrainConfig)) from None

@@ -60,7 +60,8 @@ class Drops:
     counts: Counter = field(default_factory=Counter)
 
     def add(self, reason: str, n: int = 1) -> None:
-        self.counts[reason] += n
+        if n:
+            self.counts[reason] += n
 
     def as_dict(self) -> dict[str, int]:
         return dict(sorted(self.counts.items()))
