@@ -50,7 +50,7 @@ def test_edit_sft_learns_its_batch_and_keeps_the_best_checkpoint(edit_sft):
     report = json.loads((out / "data_report.json").read_text())
     assert report["train"] == 14 and report["dropped"] == {'"perfectly helpful" feedback': 1}
     assert (model / "config.json").is_file() and (model / "tokenizer_config.json").is_file()
-    assert records(out)[0]["tokens_per_s"] > 0 and records(out)[2]["lr"] == pytest.approx(1e-3)
+    assert records(out)[0]["tokens_per_s"] > 0 and [r["lr"] for r in records(out)][:2] == [0.0, pytest.approx(1e-3)]  # 1 warmup step
 
 
 @pytest.mark.parametrize("stage", ["feedback-sft", "distill-sft"])

@@ -76,14 +76,17 @@ def deepspeed_config(cfg: TrainConfig, items_per_step: int, world: int) -> dict:
         },
         "steps_per_print": 10**9,  # the loop logs
     }
-    if cfg.optim.warmup_steps:  # linear warmup, then constant: the paper's schedule
-        ds["scheduler"] = {
-            "type": "WarmupLR",
-            "params": {"warmup_min_lr": 0.0, "warmup_max_lr": cfg.lr, "warmup_num_steps": cfg.optim.warmup_steps, "warmup_type": "linear"},
-        }
     if cfg.resources.use_gpu:
         ds["bf16"] = {"enabled": True}
     return _merge(ds, cfg.deepspeed.extra)
+
+
+def warmup_then_constant(optimizer, warmup_steps: int):
+    """The paper's schedule: LR rises linearly from 0 over `warmup_steps` optimizer steps, then stays.
+
+    (DeepSpeed's WarmupLR would do, but it raises any warmup below 2 steps to 2.)
+    """
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, step / warmup_steps) if warmup_steps else 1.0)
 
 
 def run(cfg: TrainConfig, task: Task, items_per_step: int, total_steps: int, tokenizer) -> None:
@@ -95,7 +98,12 @@ def run(cfg: TrainConfig, task: Task, items_per_step: int, total_steps: int, tok
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     model = task.build_model()
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=deepspeed_config(cfg, items_per_step, world))
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        model_parameters=[p for p in model.parameters() if p.requires_grad],
+        config=deepspeed_config(cfg, items_per_step, world),
+        lr_scheduler=lambda optimizer: warmup_then_constant(optimizer, cfg.optim.warmup_steps),
+    )
     start = _resume(engine)
     out = Path(cfg.output_dir)
     log = _Log(out, rank, start)
@@ -107,18 +115,19 @@ def run(cfg: TrainConfig, task: Task, items_per_step: int, total_steps: int, tok
         epoch, index = _position(step, task, epoch_steps, cfg.seed)
         mine = epoch_steps[epoch][index][rank * per_worker : (rank + 1) * per_worker]
         engine.train()
+        lr = engine.get_lr()[0]  # the rate this step uses (warmup starts at 0, as in HF's schedules)
         tic, tokens, sums = time.perf_counter(), 0, {}
         for start_i in range(0, per_worker, micro):
             loss, metrics, n = task.loss(engine, mine[start_i : start_i + micro])
             engine.backward(loss)
             engine.step()
             tokens += n
-            for k, v in {"loss": float(loss), **metrics}.items():
+            for k, v in {"loss": float(loss.detach()), **metrics}.items():
                 sums[k] = sums.get(k, 0.0) + v
         step += 1
         task.after_step(engine, step)
         record = {k: _mean_over_ranks(v / (per_worker // micro)) for k, v in sums.items()}
-        record.update(step=step, epoch=epoch, lr=engine.get_lr()[0], tokens_per_s=_sum_over_ranks(tokens) / (time.perf_counter() - tic))
+        record.update(step=step, epoch=epoch, lr=lr, tokens_per_s=_sum_over_ranks(tokens) / (time.perf_counter() - tic))
         if step % cfg.log_every == 0 or step == total_steps:
             log.write(record, total_steps)
         if step % cfg.checkpoint_every == 0 or step == total_steps:

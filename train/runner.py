@@ -162,7 +162,11 @@ def _fit(cfg: TrainConfig, prepared: Prepared, total: int, extras: dict, out: Pa
     from ray.train.torch import TorchConfig, TorchTrainer
 
     r = cfg.resources
-    env = {"DS_ACCELERATOR": "cuda" if r.use_gpu else "cpu", "OMP_NUM_THREADS": str(r.threads or max(1, math.ceil(r.cpus_per_worker)))}
+    env = {
+        "DS_ACCELERATOR": "cuda" if r.use_gpu else "cpu",
+        "OMP_NUM_THREADS": str(r.threads or max(1, math.ceil(r.cpus_per_worker))),
+        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # its logger echo printed every progress line twice
+    }
     task = task_class(cfg.stage)
     trainer = TorchTrainer(
         _worker,
