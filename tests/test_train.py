@@ -159,3 +159,13 @@ def test_a_killed_training_job_resumes_from_its_last_checkpoint(tiny_model, tmp_
     resumed_at = int((second.stdout + second.stderr).split("resuming from the checkpoint of step ")[1].split()[0])
     assert resumed_at >= 2 and resumed_at % 2 == 0 and resumed_at <= max(first_steps)
     assert [r["step"] for r in records(out)][len(first_steps) :] == list(range(resumed_at + 1, 7))  # nothing redone before it
+
+
+def test_feedback_application_check_asks_a_model_through_the_engine(ray_session, tiny_model):
+    """The paper's Yes/No check runs on an engine pool; a random tiny model answers neither, so nothing passes."""
+    from engine.config import RoleConfig
+    from train import prepare
+
+    check = prepare.applied_feedback(RoleConfig(model=tiny_model, num_cpus=1, threads=1))
+    assert check([("Added the century rule.", "The response is partially helpful. It lacks the century rule.")] * 3) == [False] * 3
+    assert check([]) == []
