@@ -92,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     configs = sub.add_parser("configs", help="list the config presets")
     configs.set_defaults(func=cmd_configs)
+
+    from benchmarks.arena_hard.cli import add_bench_parser, add_sweep_parser
+
+    add_bench_parser(sub)
+    add_sweep_parser(sub)
     return parser
 
 

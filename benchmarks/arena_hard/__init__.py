@@ -1,0 +1,1 @@
+"""Arena Hard for fescale: answers in arena-hard-auto's formats, a pairwise judge, its exact scores, sweeps."""
