@@ -313,7 +313,7 @@ def _memory(pool: Pool, facts: ModelFacts, key: str, gpu_memory_gb: float | None
 
 
 def _memory_problems(plan: PoolPlan) -> list[str]:
-    if not plan.facts or plan.backend == "openai":
+    if not plan.facts:
         return []
     problems = []
     if plan.backend == "vllm" and (why := plan.facts.tp_problem(plan.tp)):
@@ -321,7 +321,6 @@ def _memory_problems(plan: PoolPlan) -> list[str]:
     m = plan.memory
     if m is None or m.kv_room_gb is None:
         return problems
-    setting = "gpu_memory_utilization" if plan.backend == "vllm" else "the GPU"
     if m.kv_room_gb <= 0:
         headroom = m.weights_gb + RUNTIME_RESERVE_GB < 0.95 * m.gpu_memory_gb and plan.backend == "vllm"
         problems.append(
@@ -332,9 +331,9 @@ def _memory_problems(plan: PoolPlan) -> list[str]:
     elif m.full_length_sequences < 1:
         tokens = int(m.kv_room_gb * GB / m.kv_bytes_per_token)
         problems.append(
-            f"{plan.key}: the KV room of {m.kv_room_gb:.1f} GB per GPU (after {setting}) holds {tokens} tokens, "
-            f"less than one sequence of max_model_len={m.max_model_len}; lower max_model_len to {tokens} or below, "
-            f"or raise {plan.key}.num_gpus"
+            f"{plan.key}: {m.kv_room_gb:.1f} GB per GPU are left for the KV cache ({m.utilization:g} x {m.gpu_memory_gb:g} GB "
+            f"- {m.weights_gb:.1f} GB weights - {RUNTIME_RESERVE_GB:g} GB reserve), {tokens} tokens: less than one sequence of "
+            f"max_model_len={m.max_model_len}; lower max_model_len to {tokens} or below, or raise {plan.key}.num_gpus"
         )
     return problems
 

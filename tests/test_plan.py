@@ -118,7 +118,7 @@ def test_impossible_plans_say_what_to_change():
     long = paper_plan("4x4xL40S-48GB", [*PAPER_TP4, "roles.generator.engine_kwargs.max_model_len=131072"])
     tokens = int((0.9 * 48e9 - 70_553_706_496 * 2 / 4 - 3e9) / (2 * 80 * 2 * 128 * 2))  # TP 4: 2 KV heads per GPU
     assert tokens == 60097 and len(long.problems) == 1
-    assert f"holds {tokens} tokens, less than one sequence of max_model_len=131072; lower max_model_len to {tokens}" in long.problems[0]
+    assert f"{tokens} tokens: less than one sequence of max_model_len=131072; lower max_model_len to {tokens}" in long.problems[0]
     too_big = paper_plan("8x4xH100-80GB")
     assert "roles.generator: one replica needs 8 GPUs and 8 CPUs on one node, and no node has them" in too_big.problems[0]
     assert "roles.generator: tensor parallelism over 6 GPUs" in paper_plan("4x8xH100-80GB", ["roles.generator.num_gpus=6"]).problems[0]
