@@ -1,10 +1,10 @@
 """Memory of the main job: peak RSS of every process of `fescale run` with the default config.
 
 Runs `fescale run` (Feedback-Edit on the embedded SmolLM2, HF backend, the bundled prompts) as a
-child process and samples, with psutil, the resident memory (RSS) of its whole process tree every
-`--interval` seconds: the driver, the model replica (one pool serves all four roles), the Ray Data
+child process and follows its whole process tree with psutil every `--interval` seconds: the driver, the model replica (one pool serves all four roles), the Ray Data
 stage actors, the pools' events actor, idle Ray workers and Ray's own processes (GCS, raylet, agents).
 Processes are told apart by the titles Ray gives them (`ray::ModelReplica`, `ray::MapWorker(...)`).
+A process's peak RSS is the kernel's own high-water mark (`VmHWM`), so a spike between samples counts.
 
 The total is the largest sum of every process's RSS at one sample. Pages shared between processes
 (libraries, Ray's object store) count once in each, so it overstates the job's memory rather than
@@ -86,10 +86,21 @@ class Sampler:
             seen = self.procs.setdefault(p.pid, Proc(p.pid, kind, name))
             if kind != STARTING:  # a worker that became an actor keeps its actor's name
                 seen.kind, seen.name = kind, name
-            seen.peak_mb, seen.peak_pss_mb = max(seen.peak_mb, rss), max(seen.peak_pss_mb, pss)
+            seen.peak_mb = max(seen.peak_mb, rss, high_water_mb(p.pid))
+            seen.peak_pss_mb = max(seen.peak_pss_mb, pss)
         self.peak_total_mb = max(self.peak_total_mb, total)
         self.peak_pss_total_mb = max(self.peak_pss_total_mb, pss_total)
         self.samples += 1
+
+
+def high_water_mb(pid: int) -> float:
+    """The peak RSS the kernel recorded for a process (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            line = next(line for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return 0.0
+    return int(line.split()[1]) / 1024  # kB
 
 
 def classify(p: psutil.Process, driver: int) -> tuple[str, str]:
@@ -135,7 +146,7 @@ def report(sampler: Sampler) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="2 prompts and shorter answers (under 3 minutes here)")
-    p.add_argument("--interval", type=float, default=0.25, help="seconds between samples [0.25]")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between samples of the whole job's total [1.0]")
     p.add_argument("--budget-mb", type=float, default=4096, help="the most the whole job may use [4096]")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override passed to fescale run (repeatable)")
     p.add_argument("--output", default="benchmarks/results/memory", help="results prefix: .md (appended) and .json [benchmarks/results/memory]")
