@@ -7,6 +7,7 @@
     fescale serve --port 8000            # OpenAI-compatible Ray Serve app; per-request knobs in `fescale: {...}`
     fescale serve --write-serve-config serve.yaml && serve run serve.yaml
     fescale train edit-sft --set data.dir=/data/HelpSteer3 --set output_dir=runs/edit-sft   # Ray Train + DeepSpeed
+    fescale plan --config paper_70b --cluster 4x8xH100-80GB   # does it fit? memory per GPU, groups per node
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from engine.config import available_configs, load_config, resolve_config_path
 from engine.errors import FescaleError
+from engine.planner import CLUSTER_HELP, plan_command
 
 log = logging.getLogger("fescale")
 DEMO_PROMPTS = Path(__file__).resolve().parent / "data" / "prompts.jsonl"
@@ -86,6 +88,18 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key, e.g. --set optim.max_steps=20 (repeatable)")
     train.add_argument("--dry-run", action="store_true", help="prepare the data, print the report and the step plan, and stop")
     train.set_defaults(func=cmd_train)
+
+    plan = sub.add_parser(
+        "plan",
+        help="check that a config fits a cluster: memory per GPU, placement groups per node",
+        description="From each model's config.json (its local folder, or configs/models/<name>.json): weights and "
+        "KV cache per GPU at the role's tensor-parallel size, every pool's placement groups, the node each lands on, "
+        "and whether it all fits. Exits 2, saying what to change, when it does not. Starts nothing.",
+    )
+    plan.add_argument("--config", default="feedback_edit", help="a preset name (see `fescale configs`) or a YAML file [feedback_edit]")
+    plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
+    plan.add_argument("--cluster", required=True, metavar="SPEC", help="the cluster: " + CLUSTER_HELP)
+    plan.set_defaults(func=cmd_plan)
 
     prepare = sub.add_parser("prepare", help="dequantize the embedded SmolLM2 model into the local cache (once)")
     prepare.set_defaults(func=cmd_prepare)
@@ -229,6 +243,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if final is not None:
         print(f"model: {final}")
     return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    return plan_command(args.config, args.set, args.cluster)
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
