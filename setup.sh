@@ -21,3 +21,6 @@ if [ ! -f "$stamp" ]; then
 fi
 # Dequantize the embedded model once into the local cache (~1 min the first time).
 .venv/bin/fescale prepare
+# DeepSpeed's CPU accelerator JIT-compiles its shared-memory comm op on first use (~100 s); do it once
+# here (cached under ~/.cache/torch_extensions) rather than inside the first training job.
+DS_ACCELERATOR=cpu .venv/bin/python -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load(verbose=False)" >/dev/null

@@ -105,6 +105,10 @@ class Backend(abc.ABC):
     async def classify(self, requests: list[ClassifyRequest]) -> list[ScoreResult]:
         raise NotImplementedError(f"{type(self).__name__} has no classifier head; use a sequence-classification model")
 
+    async def update_weights(self, states: list[dict[str, Any]]) -> list[None]:
+        """Load a new state dict in place (the last of `states`): RLOO's trainer -> rollout sync."""
+        raise NotImplementedError(f"{type(self).__name__} cannot load new weights in place")
+
     def info(self) -> dict[str, Any]:
         return {}
 

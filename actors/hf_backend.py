@@ -77,6 +77,9 @@ class HFBackend(Backend):
             return await super().classify(requests)
         return await self._submit(self._run_classify, requests)
 
+    async def update_weights(self, states: list[dict[str, Any]]) -> list[None]:
+        return await self._submit(self._load_weights, states)  # queued: never mid-generate
+
     async def _submit(self, run: Callable, items: list) -> list:
         if not items:
             return []
@@ -134,6 +137,11 @@ class HFBackend(Backend):
         for i, completions in samples.items():
             results[i] = ChatResult(completions=completions, prompt_tokens=prompt_lens[i])
         return results
+
+    @torch.no_grad()
+    def _load_weights(self, states: Sequence[dict[str, Any]]) -> list[None]:
+        self.model.load_state_dict(states[-1])
+        return [None] * len(states)
 
     @torch.inference_mode()
     def _generate(self, batch: list[tuple[int, int, list[int], int]], temperature: float, top_p: float) -> list[Completion]:

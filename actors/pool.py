@@ -28,6 +28,7 @@ from actors.models import resolve_model
 from engine.config import FescaleConfig, RoleConfig
 from engine.errors import BackendError, ConfigError, FescaleError, RequestError
 from engine.placement import ReplicaPlacement, actor_options, plan_replica, reserve
+from engine.planner import check_cluster
 
 log = logging.getLogger("fescale")
 
@@ -347,6 +348,8 @@ class Pools:
     def start(self) -> None:
         """Reserve, start and wait for every replica; on any failure release what was started."""
         check_models(self.cfg, pools=self.pools.values())  # fail on a bad path before reserving anything
+        if any(p.role.num_gpus for p in self.pools.values()):  # and on a cluster the replicas cannot fit
+            check_cluster(self.cfg, self.pools.values())
         try:
             self._start()
         except BaseException:

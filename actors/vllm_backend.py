@@ -41,6 +41,7 @@ def engine_args(spec: BackendSpec, path: str) -> dict[str, Any]:
         "tensor_parallel_size": max(1, spec.num_gpus),
         "max_model_len": spec.max_model_len,
         "disable_log_stats": True,
+        "worker_extension_cls": "actors.vllm_weights.WeightLoader",  # update_weights (RLOO rollouts)
     }
     if spec.executor_backend:
         args["distributed_executor_backend"] = spec.executor_backend
@@ -131,6 +132,13 @@ class VLLMBackend(Backend):
         if last is None:
             raise BackendError("vLLM returned no output for a request")
         return last
+
+    async def update_weights(self, states: list[dict[str, Any]]) -> list[None]:
+        from actors.vllm_weights import pack
+
+        await self.engine.collective_rpc("fescale_load_weights", args=(pack(states[-1]),))
+        await self.engine.reset_prefix_cache()  # cached KV was computed with the old weights
+        return [None] * len(states)
 
     async def close(self) -> None:
         self.engine.shutdown()

@@ -6,6 +6,8 @@
     ray job submit --working-dir . -- fescale distill --input data/prompts.jsonl --output-dir /shared/out
     fescale serve --port 8000            # OpenAI-compatible Ray Serve app; per-request knobs in `fescale: {...}`
     fescale serve --write-serve-config serve.yaml && serve run serve.yaml
+    fescale train edit-sft --set data.dir=/data/HelpSteer3 --set output_dir=runs/edit-sft   # Ray Train + DeepSpeed
+    fescale plan --config paper_70b --cluster 4x8xH100-80GB   # does it fit? memory per GPU, groups per node
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 
 from engine.config import available_configs, load_config, resolve_config_path
 from engine.errors import FescaleError
+from engine.planner import CLUSTER_HELP, plan_command
 
 log = logging.getLogger("fescale")
 DEMO_PROMPTS = Path(__file__).resolve().parent / "data" / "prompts.jsonl"
@@ -72,6 +75,31 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--metrics-port", type=int, help="Prometheus port of Ray's metrics agent on a local cluster [random]")
     serve.add_argument("--write-serve-config", metavar="PATH", help="write a Serve config file for `serve run`/`serve deploy` and exit")
     serve.set_defaults(func=cmd_serve)
+
+    train = sub.add_parser(
+        "train",
+        help="train a stage on Ray Train + DeepSpeed (feedback-sft, edit-sft, distill-sft, edit-rm, edit-rloo)",
+        description="Prepares the stage's data as the HelpSteer3 paper does (printing what it keeps and drops), then "
+        "trains with the paper's defaults; checkpoints under OUTPUT/ray, the best model in OUTPUT/model. Rerunning "
+        "the same command resumes from the latest checkpoint.",
+    )
+    train.add_argument("stage", choices=["feedback-sft", "edit-sft", "distill-sft", "edit-rm", "edit-rloo"])
+    train.add_argument("--config", help="a YAML file or a preset of configs/train (default: the preset named after the stage)")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key, e.g. --set optim.max_steps=20 (repeatable)")
+    train.add_argument("--dry-run", action="store_true", help="prepare the data, print the report and the step plan, and stop")
+    train.set_defaults(func=cmd_train)
+
+    plan = sub.add_parser(
+        "plan",
+        help="check that a config fits a cluster: memory per GPU, placement groups per node",
+        description="From each model's config.json (its local folder, or configs/models/<name>.json): weights and "
+        "KV cache per GPU at the role's tensor-parallel size, every pool's placement groups, the node each lands on, "
+        "and whether it all fits. Exits 2, saying what to change, when it does not. Starts nothing.",
+    )
+    plan.add_argument("--config", default="feedback_edit", help="a preset name (see `fescale configs`) or a YAML file [feedback_edit]")
+    plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
+    plan.add_argument("--cluster", required=True, metavar="SPEC", help="the cluster: " + CLUSTER_HELP)
+    plan.set_defaults(func=cmd_plan)
 
     prepare = sub.add_parser("prepare", help="dequantize the embedded SmolLM2 model into the local cache (once)")
     prepare.set_defaults(func=cmd_prepare)
@@ -204,6 +232,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         serve.shutdown()
     return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from train.config import load_train_config
+    from train.runner import train
+
+    cfg = load_train_config(args.config or args.stage, args.stage, args.set)
+    final = train(cfg, dry_run=args.dry_run)
+    if final is not None:
+        print(f"model: {final}")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    return plan_command(args.config, args.set, args.cluster)
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:

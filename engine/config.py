@@ -381,24 +381,24 @@ def build_config(data: dict[str, Any], source: str = "config") -> FescaleConfig:
         raise ConfigError(format_validation_error(e, source)) from None
 
 
-def format_validation_error(e: ValidationError, source: str) -> str:
+def format_validation_error(e: ValidationError, source: str, root: type[BaseModel] | None = None) -> str:
     lines = []
     for err in e.errors():
         loc = ".".join(str(p) for p in err["loc"])
         if err["type"] == "extra_forbidden":
             parent_loc, name = err["loc"][:-1], str(err["loc"][-1])
-            hint = _suggest(parent_loc, name)
+            hint = _suggest(parent_loc, name, root or FescaleConfig)
             lines.append(f"unknown key `{loc}`{hint}")
         else:
             msg = err["msg"].removeprefix("Value error, ")
             value = err.get("input")
             shown = "" if isinstance(value, dict) or value is None else f" (got {value!r})"
             lines.append(f"`{loc}`: {msg}{shown}" if loc else msg)
-    return f"invalid config ({source}):\n  " + "\n  ".join(lines)
+    return f"invalid {'training ' if root else ''}config ({source}):\n  " + "\n  ".join(lines)
 
 
-def _suggest(parent_loc: tuple, name: str) -> str:
-    model: type[BaseModel] | None = FescaleConfig
+def _suggest(parent_loc: tuple, name: str, root: type[BaseModel]) -> str:
+    model: type[BaseModel] | None = root
     for part in parent_loc:
         field = model.model_fields.get(str(part)) if model else None
         ann = field.annotation if field else None

@@ -48,7 +48,7 @@ def read_prompts(path: str | Path, limit: int | None = None) -> tuple[list[Promp
     prompts: list[Prompt] = []
     errors: list[InputErrorRow] = []
     first_line: dict[str, int] = {}
-    for line, row in _rows(path):
+    for line, row in read_rows(path):
         if limit is not None and len(prompts) >= limit:
             break
         try:
@@ -65,7 +65,7 @@ def read_prompts(path: str | Path, limit: int | None = None) -> tuple[list[Promp
     return prompts, errors
 
 
-def _rows(path: Path) -> Iterator[tuple[int, Any]]:
+def read_rows(path: Path) -> Iterator[tuple[int, Any]]:
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 

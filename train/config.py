@@ -1,0 +1,135 @@
+"""Training config: one YAML per stage (`configs/train/*.yaml`) -> a validated `TrainConfig`.
+
+Defaults are the paper's (HelpSteer3, Appendix G): 1 epoch, AdamW, constant LR after 10 warmup
+steps, global batch 128; the learning rate and the data source depend on the stage (`STAGE_LR`).
+The same strict loading as the engine's config: an unknown key or a wrong value is one
+`ConfigError` naming it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError, model_validator
+
+from engine.config import CONFIGS_DIR, RoleConfig, _Strict, apply_override, format_validation_error
+from engine.errors import ConfigError
+
+Stage = Literal["feedback-sft", "edit-sft", "distill-sft", "edit-rm", "edit-rloo"]
+STAGES: tuple[str, ...] = Stage.__args__
+STAGE_LR = {"feedback-sft": 1e-6, "edit-sft": 1e-6, "distill-sft": 1e-6, "edit-rm": 3e-6, "edit-rloo": 5e-7}
+TRAIN_CONFIGS = CONFIGS_DIR / "train"
+
+
+class DataConfig(_Strict):
+    dir: str | None = Field(None, description="HelpSteer3 root holding <subset>/train.jsonl.gz (feedback, edit, edit_quality)")
+    distill: str | None = Field(None, description="a `fescale distill` output folder or .sft.jsonl file (distill-sft)")
+    max_seq_len: PositiveInt = 4096
+    validation_fraction: float = Field(0.05, gt=0, lt=1, description="split off (seeded) when a subset has no validation file")
+    max_level_spread: NonNegativeInt = Field(2, description="feedback-sft: drop responses whose feedback levels differ by more")
+    feedback_targets: Literal["all", "one"] = Field("all", description="feedback-sft: train on every feedback of a response, or one")
+    domains: list[str] = Field(["general", "stem"], description="edit-rm: domains kept for Edit Preference")
+    applied_check: RoleConfig | None = Field(None, description="edit-sft: model asked whether the change summary addresses each feedback; off when unset")
+    joiner: str = "\n"
+    limit: PositiveInt | None = Field(None, description="use at most this many rows per split (smoke runs)")
+
+
+class OptimConfig(_Strict):
+    lr: PositiveFloat | None = Field(None, description="default per stage: SFT 1e-6, RM 3e-6, RLOO 5e-7")
+    warmup_steps: NonNegativeInt = 10
+    weight_decay: float = 0.0
+    global_batch_size: PositiveInt = Field(128, description="sequences per optimizer step (RM: 4 per tuple; RLOO: rollout_batch x rollouts)")
+    micro_batch_size: PositiveInt = Field(1, description="per worker and forward pass; gradient accumulation makes up the rest")
+    epochs: PositiveInt = 1
+    max_steps: PositiveInt | None = Field(None, description="stop after this many optimizer steps")
+    grad_clip: PositiveFloat = 1.0
+
+
+class ResourcesConfig(_Strict):
+    num_workers: PositiveInt = 1
+    use_gpu: bool = False
+    cpus_per_worker: PositiveFloat = 1.0
+    threads: PositiveInt | None = Field(None, description="torch threads per worker; default ceil(cpus_per_worker)")
+    max_failures: NonNegativeInt = Field(2, description="times Ray Train restarts a failed worker group from the latest checkpoint")
+
+
+class DeepSpeedConfig(_Strict):
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    offload: bool = Field(False, description="ZeRO-Offload optimizer (and ZeRO-3 parameters) to CPU memory")
+    extra: dict[str, Any] = Field(default_factory=dict, description="merged into the generated DeepSpeed config")
+
+
+class RMConfig(_Strict):
+    tuples_per_step: PositiveInt = Field(32, description="distinct (prompt, original, feedback) tuples per step, 2 pairs each")
+
+
+class RLOOConfig(_Strict):
+    reward_model: str | None = Field(None, description="the Edit RM folder (edit-rm's output)")
+    rollouts_per_prompt: int = Field(4, ge=2)
+    rollout_batch_size: PositiveInt = Field(64, description="prompts per step")
+    temperature: PositiveFloat = 1.0
+    top_p: float = Field(0.9, gt=0, le=1)
+    max_tokens: PositiveInt = 2048
+    kl_coef: float = Field(0.01, ge=0)
+    rollout: RoleConfig = Field(default_factory=RoleConfig, description="the engine backend that samples rollouts (model: the policy)")
+
+
+class TrainConfig(_Strict):
+    stage: Stage
+    model: str = Field(description="starting model: 'embedded', a HF folder, or an earlier stage's output")
+    output_dir: str = Field(description="checkpoints, metrics.jsonl, data_report.json and the final model/")
+    seed: int = 0
+    data: DataConfig = Field(default_factory=DataConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    checkpoint_every: PositiveInt = Field(50, description="optimizer steps between checkpoints (each with a validation pass)")
+    keep_checkpoints: PositiveInt = Field(1, description="best checkpoints kept by the validation metric (the latest is always kept to resume)")
+    log_every: PositiveInt = 1
+    rm: RMConfig = Field(default_factory=RMConfig)
+    rloo: RLOOConfig = Field(default_factory=RLOOConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if self.stage == "distill-sft" and not self.data.distill:
+            raise ValueError("stage distill-sft needs `data.distill`: a `fescale distill` output folder")
+        if self.stage != "distill-sft" and not self.data.dir:
+            raise ValueError(f"stage {self.stage} needs `data.dir`: the HelpSteer3 folder")
+        if self.stage == "edit-rloo" and not self.rloo.reward_model:
+            raise ValueError("stage edit-rloo needs `rloo.reward_model`: the Edit RM (edit-rm's output folder)")
+        return self
+
+    @property
+    def lr(self) -> float:
+        return self.optim.lr or STAGE_LR[self.stage]
+
+
+def load_train_config(path: str | Path | None, stage: str | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """A YAML file or a preset in configs/train/ (by name), the stage from the CLI, `key=value` overrides."""
+    data: dict[str, Any] = {}
+    source = "overrides"
+    if path is not None:
+        file = Path(path)
+        if not file.is_file():
+            preset = TRAIN_CONFIGS / f"{path}.yaml"
+            if not preset.is_file():
+                names = ", ".join(sorted(p.stem for p in TRAIN_CONFIGS.glob("*.yaml")))
+                raise ConfigError(f"training config {str(path)!r} is neither a file nor a preset in configs/train ({names})")
+            file = preset
+        source = str(file)
+        try:
+            data = yaml.safe_load(file.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{file}: not valid YAML: {e}") from e
+    if stage is not None:
+        if data.get("stage") not in (None, stage):
+            raise ConfigError(f"{source} is a config for stage {data['stage']!r}, not {stage!r}")
+        data["stage"] = stage
+    for override in overrides or []:
+        apply_override(data, override)
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, source, TrainConfig)) from None

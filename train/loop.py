@@ -1,0 +1,247 @@
+"""The per-worker training loop every stage shares: DeepSpeed engine, steps, checkpoints, metrics.
+
+A stage is a `Task` (train/sft.py, train/reward_model.py, train/rloo.py): it builds the model, turns
+one step's items into micro-batches and a loss, and evaluates. This loop owns the rest, the same for
+all stages:
+- DeepSpeed (ZeRO stage from config; on CPU `torch_adam` and gloo, on GPU bf16) with gradient
+  accumulation making up the global batch;
+- a deterministic order of items (seeded per epoch), so step s is the same items on every rerun and a
+  resumed run continues exactly where the checkpoint was taken;
+- every `checkpoint_every` steps and at the end: a validation pass, then a Ray Train checkpoint holding
+  `model/` (a plain Hugging Face folder the engine loads), `ds/` (DeepSpeed state to resume) and
+  `state.json`; Ray Train keeps the best by the task's validation metric and always the latest;
+- metrics (step, loss, lr, tokens/s, ...) every `log_every` steps to stdout, `metrics.jsonl` and
+  TensorBoard when it is installed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+import ray.train
+import torch
+import torch.distributed as dist
+
+from train.config import TrainConfig
+
+
+class Task(Protocol):
+    metric: str  # the validation metric checkpoints are ranked by
+    mode: str  # "min" or "max"
+
+    def build_model(self) -> torch.nn.Module: ...
+
+    def steps(self, epoch_seed: int) -> list[list[Any]]:
+        """One epoch's items grouped into optimizer steps (each `items_per_step` items)."""
+
+    def loss(self, engine, items: list[Any]) -> tuple[torch.Tensor, dict[str, float], int]:
+        """(loss, metrics, tokens) of one micro-batch of items."""
+
+    def evaluate(self, engine) -> dict[str, tuple[float, float]]:
+        """Validation metrics of this rank's share as (sum, weight); the loop adds them over ranks."""
+
+    def after_step(self, engine, step: int) -> None: ...
+
+
+def deepspeed_config(cfg: TrainConfig, items_per_step: int, world: int) -> dict:
+    micro = cfg.optim.micro_batch_size
+    if items_per_step % (micro * world):
+        raise ValueError(
+            f"{items_per_step} items per step do not split into micro-batches of {micro} on {world} workers; "
+            "make optim.micro_batch_size x resources.num_workers divide the step size"
+        )
+    zero: dict[str, Any] = {"stage": cfg.deepspeed.zero_stage}
+    if cfg.deepspeed.offload:
+        zero["offload_optimizer"] = {"device": "cpu"}
+        if cfg.deepspeed.zero_stage == 3:
+            zero["offload_param"] = {"device": "cpu"}
+    ds = {
+        "train_batch_size": items_per_step,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": items_per_step // (micro * world),
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": zero,
+        "optimizer": {
+            "type": "AdamW",
+            # DeepSpeed's fused CPU Adam needs a compiler toolchain at run time; torch's AdamW runs anywhere.
+            "params": {"lr": cfg.lr, "weight_decay": cfg.optim.weight_decay, "torch_adam": not cfg.resources.use_gpu},
+        },
+        "steps_per_print": 10**9,  # the loop logs
+    }
+    if cfg.resources.use_gpu:
+        ds["bf16"] = {"enabled": True}
+    return _merge(ds, cfg.deepspeed.extra)
+
+
+def warmup_then_constant(optimizer, warmup_steps: int):
+    """The paper's schedule: LR rises linearly from 0 over `warmup_steps` optimizer steps, then stays.
+
+    (DeepSpeed's WarmupLR would do, but it raises any warmup below 2 steps to 2.)
+    """
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, step / warmup_steps) if warmup_steps else 1.0)
+
+
+def run(cfg: TrainConfig, task: Task, items_per_step: int, total_steps: int, tokenizer) -> None:
+    """The loop on one Ray Train worker."""
+    import deepspeed
+
+    torch.set_num_threads(cfg.resources.threads or max(1, math.ceil(cfg.resources.cpus_per_worker)))
+    torch.manual_seed(cfg.seed)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    model = task.build_model()
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        model_parameters=[p for p in model.parameters() if p.requires_grad],
+        config=deepspeed_config(cfg, items_per_step, world),
+        lr_scheduler=lambda optimizer: warmup_then_constant(optimizer, cfg.optim.warmup_steps),
+    )
+    start = _resume(engine)
+    out = Path(cfg.output_dir)
+    log = _Log(out, rank, start)
+    per_worker = items_per_step // world
+    micro = cfg.optim.micro_batch_size
+    epoch_steps: dict[int, list] = {}
+    step = start
+    while step < total_steps:
+        epoch, index = _position(step, task, epoch_steps, cfg.seed)
+        mine = epoch_steps[epoch][index][rank * per_worker : (rank + 1) * per_worker]
+        engine.train()
+        lr = engine.get_lr()[0]  # the rate this step uses (warmup starts at 0, as in HF's schedules)
+        tic, tokens, sums = time.perf_counter(), 0, {}
+        for start_i in range(0, per_worker, micro):
+            loss, metrics, n = task.loss(engine, mine[start_i : start_i + micro])
+            engine.backward(loss)
+            engine.step()
+            tokens += n
+            for k, v in {"loss": float(loss.detach()), **metrics}.items():
+                sums[k] = sums.get(k, 0.0) + v
+        step += 1
+        task.after_step(engine, step)
+        record = {k: _mean_over_ranks(v / (per_worker // micro)) for k, v in sums.items()}
+        record.update(step=step, epoch=epoch, lr=lr, tokens_per_s=_sum_over_ranks(tokens) / (time.perf_counter() - tic))
+        if step % cfg.log_every == 0 or step == total_steps:
+            log.write(record, total_steps)
+        if step % cfg.checkpoint_every == 0 or step == total_steps:
+            metrics = {k: _sum_over_ranks(total) / max(_sum_over_ranks(weight), 1e-12) for k, (total, weight) in task.evaluate(engine).items()}
+            log.write({"step": step, **metrics}, total_steps, kind="validation")
+            _checkpoint(engine, tokenizer, rank, {"step": step, **metrics})
+    log.close()
+
+
+def _position(step: int, task: Task, cache: dict, seed: int) -> tuple[int, int]:
+    """(epoch, index in epoch) of a global step; an epoch's order is computed once, from its seed."""
+    epoch = 0
+    while True:
+        if epoch not in cache:
+            cache[epoch] = task.steps(seed + epoch)
+        if step < len(cache[epoch]):
+            return epoch, step
+        step -= len(cache[epoch])
+        epoch += 1
+
+
+def _resume(engine) -> int:
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 0
+    with checkpoint.as_directory() as d:
+        engine.load_checkpoint(os.path.join(d, "ds"), tag="ds")
+        step = json.loads(Path(d, "state.json").read_text())["step"]
+    if ray.train.get_context().get_world_rank() == 0:
+        print(f"[fescale train] resuming from the checkpoint of step {step}", flush=True)
+    return step
+
+
+def _checkpoint(engine, tokenizer, rank: int, metrics: dict) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        engine.save_checkpoint(os.path.join(d, "ds"), tag="ds")
+        state_dict = engine._zero3_consolidated_16bit_state_dict() if engine.zero_optimization_stage() == 3 else None
+        if rank == 0:
+            engine.module.save_pretrained(os.path.join(d, "model"), state_dict=state_dict)
+            tokenizer.save_pretrained(os.path.join(d, "model"))
+            Path(d, "state.json").write_text(json.dumps({"step": metrics["step"]}))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def _mean_over_ranks(value: float) -> float:
+    return _sum_over_ranks(value) / dist.get_world_size() if dist.is_initialized() else value
+
+
+def _sum_over_ranks(value: float) -> float:
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t.item())
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+class _Log:
+    """Rank 0 writes metrics.jsonl, TensorBoard (when installed) and one readable line per record."""
+
+    def __init__(self, out: Path, rank: int, start: int):
+        self.rank = rank
+        self.file = self.tb = None
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            self.file = open(out / "metrics.jsonl", "a")
+            self.tb = _tensorboard(out / "tensorboard")
+        self.started = time.monotonic()
+
+    def write(self, record: dict, total: int, kind: str = "train") -> None:
+        if self.rank != 0:
+            return
+        self.file.write(json.dumps({"kind": kind, **record}) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(f"{kind}/{k}", v, record["step"])
+        shown = "  ".join(f"{k} {_fmt(v)}" for k, v in record.items() if k not in ("step", "epoch"))
+        print(f"[fescale train] {kind} step {record['step']}/{total}  {shown}", flush=True)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _tensorboard(logdir: Path):
+    for module in ("torch.utils.tensorboard", "tensorboardX"):
+        try:
+            return importlib.import_module(module).SummaryWriter(str(logdir))
+        except ImportError:
+            continue
+    return None
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def order(items: list, seed: int) -> list:
+    """A seeded permutation of items (the same in every process and on every rerun)."""
+    shuffled = list(items)
+    random.Random(seed).shuffle(shuffled)
+    return shuffled
+
+
+def chunk_steps(items: list, per_step: int) -> list[list]:
+    """Consecutive full steps of `per_step` items (a last partial step is left out, like drop_last)."""
+    return [items[i : i + per_step] for i in range(0, len(items) - per_step + 1, per_step)]

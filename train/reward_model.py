@@ -1,0 +1,99 @@
+"""Edit reward model (edit-rm): a Bradley-Terry scalar head on the Edit SFT model.
+
+The paper's batch design: each optimizer step holds `rm.tuples_per_step` (32) *distinct*
+(prompt, original, feedback) tuples, and each tuple contributes two pairs, (bad edit < good edit) and
+(no edit = the original < good edit), so the model learns both "this edit is better than that one"
+and "the good edit improved on the original" in a 1:1 ratio. `rm_steps` builds those steps. The
+result is a `sequence_classification` model: the engine's reward role loads it as is.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from actors.models import resolve_model
+from train.losses import bradley_terry
+
+PAIRS = (("good", "bad"), ("good", "original"))  # (chosen, rejected) per tuple
+
+
+def rm_steps(items: list[dict], per_step: int, seed: int) -> list[list[dict]]:
+    """Steps of `per_step` items with pairwise distinct `key`s, in a seeded order.
+
+    Items sharing a key (the same tuple with other edits) go to different steps; what cannot fill a
+    whole step of distinct tuples at the end is left out, like drop_last.
+    """
+    pending = list(items)
+    random.Random(seed).shuffle(pending)
+    steps: list[list[dict]] = []
+    while True:
+        step, keys, rest = [], set(), []
+        for item in pending:
+            if len(step) < per_step and item["key"] not in keys:
+                step.append(item)
+                keys.add(item["key"])
+            else:
+                rest.append(item)
+        if len(step) < per_step:
+            return steps
+        steps.append(step)
+        pending = rest
+
+
+class RewardModelTask:
+    metric, mode = "val_loss", "min"
+
+    def __init__(self, cfg, train: list[dict], validation: list[dict], pad_id: int):
+        self.cfg, self.train, self.validation, self.pad_id = cfg, train, validation, pad_id
+
+    def build_model(self) -> torch.nn.Module:
+        from transformers import AutoModelForSequenceClassification
+
+        dtype = torch.bfloat16 if self.cfg.resources.use_gpu else torch.float32
+        model = AutoModelForSequenceClassification.from_pretrained(resolve_model(self.cfg.model), num_labels=1, dtype=dtype)
+        model.config.pad_token_id = self.pad_id  # the head reads the last non-pad token
+        return model
+
+    def steps(self, epoch_seed: int) -> list[list[dict]]:
+        return rm_steps(self.train, self.cfg.rm.tuples_per_step, epoch_seed)
+
+    def _pairs(self, engine, items: list[dict]):
+        names = ("good", "bad", "original")
+        seqs = [it[name] for it in items for name in names]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, s in enumerate(seqs):
+            ids[row, : len(s)] = torch.tensor(s)
+            mask[row, : len(s)] = 1
+        scores = engine(input_ids=ids.to(engine.device), attention_mask=mask.to(engine.device)).logits.squeeze(-1).view(len(items), 3)
+        col = {name: scores[:, i] for i, name in enumerate(names)}
+        chosen = torch.cat([col[c] for c, _ in PAIRS])
+        rejected = torch.cat([col[r] for _, r in PAIRS])
+        return chosen, rejected, int(mask.sum())
+
+    def loss(self, engine, items: list[dict]):
+        chosen, rejected, tokens = self._pairs(engine, items)
+        loss, accuracy = bradley_terry(chosen, rejected)
+        return loss, {"accuracy": float(accuracy)}, tokens
+
+    @torch.no_grad()
+    def evaluate(self, engine) -> dict[str, tuple[float, float]]:
+        import ray.train
+
+        engine.eval()
+        ctx = ray.train.get_context()
+        mine = self.validation[ctx.get_world_rank() :: ctx.get_world_size()]
+        loss_sum = correct = pairs = 0.0
+        for i in range(0, len(mine), self.cfg.optim.micro_batch_size):
+            chosen, rejected, _ = self._pairs(engine, mine[i : i + self.cfg.optim.micro_batch_size])
+            loss, accuracy = bradley_terry(chosen, rejected)
+            loss_sum += float(loss) * len(chosen)
+            correct += float(accuracy) * len(chosen)
+            pairs += len(chosen)
+        return {"val_loss": (loss_sum, pairs), "val_accuracy": (correct, pairs)}
+
+    def after_step(self, engine, step: int) -> None:
+        return None

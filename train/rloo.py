@@ -1,0 +1,133 @@
+"""Edit RLOO (edit-rloo): REINFORCE Leave-One-Out on the Edit SFT policy, guided by the Edit RM.
+
+Per step, `rollout_batch_size` edit prompts (context, original response, feedback: the Edit SFT
+prompt) each get `rollouts_per_prompt` edits sampled by an engine pool (HF on CPU, vLLM on GPU) at
+T=1, top_p 0.9. Each edit's reward is the Edit RM's score of (context, edit) minus `kl_coef` times the
+sequence KL to the frozen reference (the starting policy); its advantage is its reward minus the mean
+of the other rollouts of the same prompt; the loss is -advantage x log p(edit). After every optimizer
+step rank 0 pushes the new weights into the rollout replicas (`update_weights`, an in-memory load:
+no checkpoint round trip), and every rank waits for it before sampling again.
+Validation: the mean RM reward of greedy edits on the validation prompts (`val_reward`, highest kept).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import ray
+import torch
+import torch.distributed as dist
+
+from actors.backend import ChatRequest, Sampling
+from actors.chat_format import ChatFormatter
+from actors.models import resolve_model
+from engine import method, templates
+from train.loop import chunk_steps, order
+from train.losses import rloo_advantages, sequence_logprobs
+from train.prepare import Drops, SFTExample
+from train.tokens import IGNORE, rm_ids, sft_ids
+
+
+def rollout_prompts(rows: list[dict], drops: Drops, joiner: str = "\n") -> list[dict]:
+    """One edit prompt per HelpSteer3 `edit` row: its feedback, "perfectly helpful" ones removed."""
+    out = []
+    for row in rows:
+        feedbacks = [f for f in row["feedback"] if method.parse_level(f) != "perfectly"]
+        if not feedbacks:
+            drops.add("edit rows with no feedback left")
+            continue
+        instruction = method.edit_instruction(feedbacks, templates.EDIT, joiner, templates.EDIT_FILLER)
+        prompt = method.with_response(row["context"], row["original_response"], instruction)
+        out.append({"id": f"{row['_source']}:{row['_line']}", "context": row["context"], "prompt": prompt})
+    return out
+
+
+def start_rollout_pool(cfg):
+    """Start the engine pool that samples rollouts; its model is the policy's starting point."""
+    from actors.pool import Pools
+    from engine.config import build_config
+
+    role = cfg.rloo.rollout.model_copy(update={"model": cfg.model})
+    engine_cfg = build_config({"mode": "greedy", "seed": cfg.seed, "roles": {"generator": role.model_dump()}})
+    pools = Pools(engine_cfg)
+    pools.start()
+    (pool,) = pools.pools.values()
+    client = pools.clients().for_config(engine_cfg)("generator")
+    return pools, {"client": client, "replicas": list(pool.replicas)}
+
+
+class RLOOTask:
+    metric, mode = "val_reward", "max"
+
+    def __init__(self, cfg, train: list[dict], validation: list[dict], pad_id: int, client=None, replicas=()):
+        self.cfg, self.train, self.validation, self.pad_id = cfg, train, validation, pad_id
+        self.client, self.replicas = client, list(replicas)
+        self.r = cfg.rloo
+
+    def build_model(self) -> torch.nn.Module:
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+        dtype = torch.bfloat16 if self.cfg.resources.use_gpu else torch.float32
+        path = resolve_model(self.cfg.model)
+        self.fmt = ChatFormatter(AutoTokenizer.from_pretrained(path), self.cfg.data.max_seq_len)
+        self.reference = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval().requires_grad_(False)
+        self.reward = AutoModelForSequenceClassification.from_pretrained(resolve_model(self.r.reward_model, key="rloo.reward_model"), dtype=dtype).eval().requires_grad_(False)
+        self.reward.config.pad_token_id = self.pad_id
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+
+    def steps(self, epoch_seed: int) -> list[list[dict]]:
+        return chunk_steps(order(self.train, epoch_seed), self.r.rollout_batch_size)
+
+    def _sample(self, items: list[dict], n: int, temperature: float) -> list[list[str]]:
+        sampling = Sampling(n=n, temperature=temperature, top_p=self.r.top_p if temperature > 0 else 1.0, max_tokens=self.r.max_tokens)
+        results = asyncio.run(self.client.chat([ChatRequest(tuple(it["prompt"]), sampling) for it in items]))
+        return [[c.text for c in r.completions] for r in results]
+
+    def _batch(self, sequences: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(s) for s in sequences)
+        ids = torch.full((len(sequences), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, s in enumerate(sequences):
+            ids[row, : len(s)] = torch.tensor(s)
+            mask[row, : len(s)] = 1
+        return ids.to(device), mask.to(device)
+
+    @torch.no_grad()
+    def _rewards(self, items: list[dict], edits: list[list[str]], device) -> torch.Tensor:
+        seqs = [rm_ids(self.fmt, it["context"], e) for it, group in zip(items, edits) for e in group]
+        ids, mask = self._batch(seqs, device)
+        return self.reward.to(device)(input_ids=ids, attention_mask=mask).logits.squeeze(-1).float()
+
+    def loss(self, engine, items: list[dict]):
+        k = self.r.rollouts_per_prompt
+        edits = self._sample(items, k, self.r.temperature)
+        examples = [sft_ids(self.fmt, SFTExample("", it["prompt"], e)) for it, group in zip(items, edits) for e in group]
+        ids, attention = self._batch([ex["input_ids"] for ex in examples], engine.device)
+        completion, _ = self._batch([[int(t != IGNORE) for t in ex["labels"]] for ex in examples], engine.device)
+        logp = sequence_logprobs(engine(input_ids=ids, attention_mask=attention).logits, ids, completion)
+        with torch.no_grad():
+            ref_logp = sequence_logprobs(self.reference.to(engine.device)(input_ids=ids, attention_mask=attention).logits, ids, completion)
+        score = self._rewards(items, edits, engine.device)
+        kl = (logp.detach() - ref_logp).float()
+        advantages = rloo_advantages((score - self.r.kl_coef * kl).view(len(items), k)).flatten()
+        loss = -(advantages * logp).mean()
+        return loss, {"reward": float(score.mean()), "kl": float(kl.mean())}, int(attention.sum())
+
+    @torch.no_grad()
+    def evaluate(self, engine) -> dict[str, tuple[float, float]]:
+        ctx = ray.train.get_context()
+        mine = self.validation[ctx.get_world_rank() :: ctx.get_world_size()]
+        if not mine:
+            return {"val_reward": (0.0, 0.0)}
+        scores = self._rewards(mine, self._sample(mine, 1, 0.0), engine.device)
+        return {"val_reward": (float(scores.sum()), float(len(scores)))}
+
+    def after_step(self, engine, step: int) -> None:
+        """Push the updated policy into every rollout replica before anyone samples again."""
+        zero3 = engine.zero_optimization_stage() == 3
+        state = engine._zero3_consolidated_16bit_state_dict() if zero3 else engine.module.state_dict()
+        if ray.train.get_context().get_world_rank() == 0:
+            ref = ray.put([{name: t.detach().to("cpu", copy=True) for name, t in state.items()}])  # one copy for all replicas
+            ray.get([replica.call.remote("update_weights", ref) for replica in self.replicas])
+        if dist.is_initialized():
+            dist.barrier()

@@ -1,0 +1,55 @@
+"""Examples -> token ids through the model's own chat template, as the engine renders them.
+
+SFT: the prompt rendered with the generation prompt, then the response turn; labels are -100 over
+the prompt so the loss is on the response (and its end-of-turn token) only. Reward model: the whole
+conversation ending with the response, exactly what `ChatFormatter.conversation_ids` gives the
+engine's `sequence_classification` scorer, so the RM is trained on what it will score.
+Examples longer than `max_len` are dropped and counted.
+"""
+
+from __future__ import annotations
+
+from actors.chat_format import ChatFormatter
+from train.prepare import Drops, PreferenceTuple, SFTExample
+
+IGNORE = -100
+
+
+def sft_ids(fmt: ChatFormatter, ex: SFTExample) -> dict:
+    prompt_text = fmt.prompt_text(ex.prompt)
+    full_text = fmt.tokenizer.apply_chat_template([*ex.prompt, {"role": "assistant", "content": ex.response}], tokenize=False)
+    if not full_text.startswith(prompt_text):
+        raise ValueError(
+            f"the chat template of {fmt.tokenizer.name_or_path!r} does not render the prompt as a prefix of the "
+            "conversation (it rewrites earlier turns); SFT masking needs a template that only appends"
+        )
+    prompt_ids = fmt.encode(prompt_text)
+    response_ids = fmt.encode(full_text[len(prompt_text) :])
+    return {"id": ex.id, "input_ids": prompt_ids + response_ids, "labels": [IGNORE] * len(prompt_ids) + response_ids}
+
+
+def rm_ids(fmt: ChatFormatter, context: list[dict], response: str) -> list[int]:
+    return fmt.encode(fmt.tokenizer.apply_chat_template([*context, {"role": "assistant", "content": response}], tokenize=False))
+
+
+def tokenize_sft(fmt: ChatFormatter, examples: list[SFTExample], max_len: int, drops: Drops) -> list[dict]:
+    out = []
+    for ex in examples:
+        item = sft_ids(fmt, ex)
+        if len(item["input_ids"]) > max_len:
+            drops.add(f"longer than max_seq_len={max_len}")
+            continue
+        out.append(item)
+    return out
+
+
+def tokenize_preferences(fmt: ChatFormatter, tuples: list[PreferenceTuple], max_len: int, drops: Drops) -> list[dict]:
+    """Per tuple: the good, bad and original (no edit) responses as three RM sequences."""
+    out = []
+    for t in tuples:
+        seqs = {name: rm_ids(fmt, t.context, text) for name, text in (("good", t.good), ("bad", t.bad), ("original", t.original))}
+        if max(len(s) for s in seqs.values()) > max_len:
+            drops.add(f"longer than max_seq_len={max_len}")
+            continue
+        out.append({"id": t.id, "key": t.key, **seqs})
+    return out
