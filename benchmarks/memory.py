@@ -13,7 +13,7 @@ the processes sharing it) is what the job costs the machine, and it is what must
 `--budget-mb` (4 GB; the exit status is 1 when it does not). MB here are 2^20 bytes.
 
     python -m benchmarks.memory            # the default run: 4 prompts, about 4 minutes here
-    python -m benchmarks.memory --quick    # 2 prompts, shorter answers: under 3 minutes here
+    python -m benchmarks.memory --quick    # 1 prompt, shorter answers: under 3 minutes here
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from engine.config import load_config
 from engine.summary import format_table
 
 REPO = Path(__file__).resolve().parent.parent
-QUICK = ["--limit", "2", "--set", "generate.max_tokens=24", "--set", "feedback.max_tokens=16", "--set", "edit.max_tokens=24"]
+QUICK = ["--limit", "1", "--set", "generate.max_tokens=24", "--set", "feedback.max_tokens=16", "--set", "edit.max_tokens=24"]
 RAY_DATA_ACTORS = ("_StatsActor", "_AutoscalingCoordinatorActor", "ActorLocationTracker")
 STARTING = "Ray worker (idle)"
 KINDS = ["driver", "model replica", "Ray Data stage actor", "Ray Data internal actor", "pool events actor", "Ray worker", STARTING, "Ray system"]
@@ -147,7 +147,7 @@ def report(sampler: Sampler) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="2 prompts and shorter answers (under 3 minutes here)")
+    p.add_argument("--quick", action="store_true", help="1 prompt and shorter answers (under 3 minutes here)")
     p.add_argument("--interval", type=float, default=1.0, help="seconds between samples of the whole job's total [1.0]")
     p.add_argument("--budget-mb", type=float, default=4096, help="the most the whole job may use (summed PSS) [4096]")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override passed to fescale run (repeatable)")
