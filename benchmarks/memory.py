@@ -6,14 +6,14 @@ stage actors, the pools' events actor, idle Ray workers and Ray's own processes 
 Processes are told apart by the titles Ray gives them (`ray::ModelReplica`, `ray::MapWorker(...)`).
 A process's peak RSS is the kernel's own high-water mark (`VmHWM`), so a spike between samples counts.
 
-The total is the largest sum of every process's RSS at one sample. Pages shared between processes
-(libraries, Ray's object store) count once in each, so it overstates the job's memory rather than
-understating it; the PSS column splits each shared page between the processes that map it, which is
-what the job costs the machine. The job's RSS total must stay under `--budget-mb` (4 GB); the exit
-status is 1 when it does not. MB here are 2^20 bytes.
+The totals are the largest sums over all processes at one sample. Summed RSS counts a page shared
+between processes (torch's and Ray's libraries, the object store) once in every process that maps it,
+so it overstates the job's memory; summed PSS (proportional set size: each shared page split between
+the processes sharing it) is what the job costs the machine, and it is what must stay under
+`--budget-mb` (4 GB; the exit status is 1 when it does not). MB here are 2^20 bytes.
 
     python -m benchmarks.memory            # the default run: 4 prompts, about 4 minutes here
-    python -m benchmarks.memory --quick    # 2 prompts, shorter answers: under 3 minutes here
+    python -m benchmarks.memory --quick    # 1 prompt, shorter answers: under 3 minutes here
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from engine.config import load_config
 from engine.summary import format_table
 
 REPO = Path(__file__).resolve().parent.parent
-QUICK = ["--limit", "2", "--set", "generate.max_tokens=24", "--set", "feedback.max_tokens=16", "--set", "edit.max_tokens=24"]
+QUICK = ["--limit", "1", "--set", "generate.max_tokens=24", "--set", "feedback.max_tokens=16", "--set", "edit.max_tokens=24"]
 RAY_DATA_ACTORS = ("_StatsActor", "_AutoscalingCoordinatorActor", "ActorLocationTracker")
 STARTING = "Ray worker (idle)"
 KINDS = ["driver", "model replica", "Ray Data stage actor", "Ray Data internal actor", "pool events actor", "Ray worker", STARTING, "Ray system"]
@@ -107,12 +107,14 @@ def classify(p: psutil.Process, driver: int) -> tuple[str, str]:
     """(kind, name) of a process from its command line, which Ray sets to `ray::<actor or task>`."""
     if p.pid == driver:
         return "driver", "fescale run"
-    cmd = " ".join(p.cmdline())
+    argv = p.cmdline()
+    cmd = " ".join(argv)
     if not cmd.startswith("ray::"):
+        if not p.name().startswith("python"):
+            return "Ray system", p.name()  # gcs_server, raylet
         if "default_worker.py" in cmd:  # a worker before Ray names it
             return STARTING, "starting"
-        script = next((Path(a).stem for a in p.cmdline()[1:] if a.endswith(".py")), None)  # python -u .../monitor.py
-        return "Ray system", script or p.name()  # gcs_server, raylet
+        return "Ray system", next((Path(a).stem for a in argv[1:] if a.endswith(".py")), p.name())  # python -u .../monitor.py
     title = cmd.split()[0].removeprefix("ray::").split(".")[0]
     if title == "ModelReplica":
         return "model replica", title
@@ -145,9 +147,9 @@ def report(sampler: Sampler) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="2 prompts and shorter answers (under 3 minutes here)")
+    p.add_argument("--quick", action="store_true", help="1 prompt and shorter answers (under 3 minutes here)")
     p.add_argument("--interval", type=float, default=1.0, help="seconds between samples of the whole job's total [1.0]")
-    p.add_argument("--budget-mb", type=float, default=4096, help="the most the whole job may use [4096]")
+    p.add_argument("--budget-mb", type=float, default=4096, help="the most the whole job may use (summed PSS) [4096]")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override passed to fescale run (repeatable)")
     p.add_argument("--output", default="benchmarks/results/memory", help="results prefix: .md (appended) and .json [benchmarks/results/memory]")
     args = p.parse_args(argv)
@@ -171,14 +173,14 @@ def main(argv: list[str] | None = None) -> int:
         return code
 
     table = report(sampler)
-    within = sampler.peak_total_mb <= args.budget_mb
+    within = sampler.peak_pss_total_mb <= args.budget_mb
     summary = json.loads((workdir / "out.summary.json").read_text())
     cfg = load_config("feedback_edit", [kv for flag, kv in zip(extra, extra[1:]) if flag == "--set"])  # fescale run's default
     pools = "; ".join(f"{p.name} x {p.role.replicas} ({', '.join(p.roles)})" for p in plan_pools(cfg).values())
     note = (
         f"`{' '.join(['fescale run', *extra])}` (model replicas: {pools}): {summary['prompts']} prompts answered, {summary['failed']} failed, in {seconds:.0f} s; "
-        f"{sampler.samples} samples every {args.interval:g} s; whole job peak {sampler.peak_total_mb:.0f} MB RSS "
-        f"({sampler.peak_pss_total_mb:.0f} MB PSS), {'within' if within else 'OVER'} the {args.budget_mb:.0f} MB budget"
+        f"{sampler.samples} samples every {args.interval:g} s; whole job peak {sampler.peak_pss_total_mb:.0f} MB PSS, "
+        f"{'within' if within else 'OVER'} the {args.budget_mb:.0f} MB budget ({sampler.peak_total_mb:.0f} MB summed RSS)"
     )
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
