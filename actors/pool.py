@@ -64,7 +64,9 @@ class PoolEvents:
         self.running[replica] = call
 
     def starting(self, replica: str, restarted: bool) -> None:
-        self.running[replica], self.loaded[replica] = None, False
+        # `running` is kept: a restarted replica can report here before the caller of the call that
+        # killed it asks `blamed`, and clearing it then let a poison call retry until restarts ran out.
+        self.loaded[replica] = False
         if restarted:
             self.counts["restarts"] += 1
 

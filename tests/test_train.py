@@ -5,13 +5,16 @@ per epoch) and must lower their loss. The models they write are loaded by the en
 samples its rollouts from a real engine pool and syncs the trained weights into it after each step.
 """
 
+import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 
 from conftest import REPO, SHARED, make_config
@@ -150,15 +153,21 @@ def test_a_killed_training_job_resumes_from_its_last_checkpoint(tiny_model, tmp_
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and not list((out / "ray" / "edit-sft").glob("checkpoint_*")):
         time.sleep(1)
-    os.killpg(first.pid, signal.SIGKILL)
+    job = [first, *psutil.Process(first.pid).children(recursive=True)]  # the driver, its Ray cluster and workers
+    for proc in job:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.send_signal(signal.SIGKILL)
+    psutil.wait_procs([p for p in job if p is not first], timeout=30)
     first.wait()
     first_steps = [r["step"] for r in records(out)]
     second = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert "resuming from the checkpoint of step" in second.stdout + second.stderr
-    resumed_at = int((second.stdout + second.stderr).split("resuming from the checkpoint of step ")[1].split()[0])
-    assert resumed_at >= 2 and resumed_at % 2 == 0 and resumed_at <= max(first_steps)
-    assert [r["step"] for r in records(out)][len(first_steps) :] == list(range(resumed_at + 1, 7))  # nothing redone before it
+    output = second.stdout + second.stderr
+    assert second.returncode == 0, output[-3000:]
+    resumed_at = int(re.search(r"resuming from the checkpoint of step (\d+)", output).group(1))
+    assert 2 <= resumed_at <= max(first_steps) and resumed_at % 2 == 0
+    rerun_steps = sorted({int(k) for k in re.findall(r"train step (\d+)/6", output)})
+    assert rerun_steps == list(range(resumed_at + 1, 7))  # no checkpointed step redone, none skipped
+    assert [r["step"] for r in records(out)][-len(rerun_steps) :] == rerun_steps
 
 
 def test_feedback_application_check_asks_a_model_through_the_engine(ray_session, tiny_model):
