@@ -107,6 +107,8 @@ def run(cfg: TrainConfig, task: Task, items_per_step: int, total_steps: int, tok
     start = _resume(engine)
     out = Path(cfg.output_dir)
     log = _Log(out, rank, start)
+    if start:
+        log.write({"step": start}, total_steps, kind="resume")  # "resume step 4/10": continues after step 4
     per_worker = items_per_step // world
     micro = cfg.optim.micro_batch_size
     epoch_steps: dict[int, list] = {}
@@ -155,10 +157,7 @@ def _resume(engine) -> int:
         return 0
     with checkpoint.as_directory() as d:
         engine.load_checkpoint(os.path.join(d, "ds"), tag="ds")
-        step = json.loads(Path(d, "state.json").read_text())["step"]
-    if ray.train.get_context().get_world_rank() == 0:
-        print(f"[fescale train] resuming from the checkpoint of step {step}", flush=True)
-    return step
+        return json.loads(Path(d, "state.json").read_text())["step"]
 
 
 def _checkpoint(engine, tokenizer, rank: int, metrics: dict) -> None:
