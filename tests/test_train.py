@@ -140,6 +140,14 @@ def test_rollout_replicas_load_new_weights_in_place(ray_session, tiny_model):
     assert after == expected and after != before
 
 
+def checkpoint_registered(run_dir) -> bool:
+    """Ray Train has recorded a checkpoint (what a rerun resumes from; a folder alone may still be uploading)."""
+    try:
+        return json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())["latest_checkpoint_result"] is not None
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return False
+
+
 @pytest.mark.slow
 def test_a_killed_training_job_resumes_from_its_last_checkpoint(tiny_model, tmp_path):
     """`fescale train` as a user runs it: SIGKILLed after its first checkpoint, rerun, it goes on from there."""
@@ -150,7 +158,7 @@ def test_a_killed_training_job_resumes_from_its_last_checkpoint(tiny_model, tmp_
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": ""}
     first = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and not list((out / "ray" / "edit-sft").glob("checkpoint_*")):
+    while time.monotonic() < deadline and not checkpoint_registered(out / "ray" / "edit-sft"):
         time.sleep(1)
     job = [first, *psutil.Process(first.pid).children(recursive=True)]  # the driver, its Ray cluster and workers
     for proc in job:
