@@ -40,7 +40,7 @@ class OptimConfig(_Strict):
     lr: PositiveFloat | None = Field(None, description="default per stage: SFT 1e-6, RM 3e-6, RLOO 5e-7")
     warmup_steps: NonNegativeInt = 10
     weight_decay: float = 0.0
-    global_batch_size: PositiveInt = Field(128, description="sequences per optimizer step (RM: 4 per tuple; RLOO: rollout_batch x rollouts)")
+    global_batch_size: PositiveInt = Field(128, description="SFT stages: sequences per optimizer step (edit-rm: rm.tuples_per_step, edit-rloo: rloo.rollout_batch_size prompts)")
     micro_batch_size: PositiveInt = Field(1, description="per worker and forward pass; gradient accumulation makes up the rest")
     epochs: PositiveInt = 1
     max_steps: PositiveInt | None = Field(None, description="stop after this many optimizer steps")

@@ -15,6 +15,7 @@ import torch
 
 from actors.models import resolve_model
 from train.losses import bradley_terry
+from train.tokens import pad_right
 
 PAIRS = (("good", "bad"), ("good", "original"))  # (chosen, rejected) per tuple
 
@@ -61,14 +62,8 @@ class RewardModelTask:
 
     def _pairs(self, engine, items: list[dict]):
         names = ("good", "bad", "original")
-        seqs = [it[name] for it in items for name in names]
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, s in enumerate(seqs):
-            ids[row, : len(s)] = torch.tensor(s)
-            mask[row, : len(s)] = 1
-        scores = engine(input_ids=ids.to(engine.device), attention_mask=mask.to(engine.device)).logits.squeeze(-1).view(len(items), 3)
+        ids, mask = pad_right([it[name] for it in items for name in names], self.pad_id, engine.device)
+        scores = engine(input_ids=ids, attention_mask=mask).logits.squeeze(-1).view(len(items), 3)
         col = {name: scores[:, i] for i, name in enumerate(names)}
         chosen = torch.cat([col[c] for c, _ in PAIRS])
         rejected = torch.cat([col[r] for _, r in PAIRS])

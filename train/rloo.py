@@ -25,7 +25,7 @@ from engine import method, templates
 from train.loop import chunk_steps, order
 from train.losses import rloo_advantages, sequence_logprobs
 from train.prepare import Drops, SFTExample
-from train.tokens import IGNORE, rm_ids, sft_ids
+from train.tokens import IGNORE, pad_right, rm_ids, sft_ids
 
 
 def rollout_prompts(rows: list[dict], drops: Drops, joiner: str = "\n") -> list[dict]:
@@ -83,27 +83,18 @@ class RLOOTask:
         results = asyncio.run(self.client.chat([ChatRequest(tuple(it["prompt"]), sampling) for it in items]))
         return [[c.text for c in r.completions] for r in results]
 
-    def _batch(self, sequences: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(len(s) for s in sequences)
-        ids = torch.full((len(sequences), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, s in enumerate(sequences):
-            ids[row, : len(s)] = torch.tensor(s)
-            mask[row, : len(s)] = 1
-        return ids.to(device), mask.to(device)
-
     @torch.no_grad()
     def _rewards(self, items: list[dict], edits: list[list[str]], device) -> torch.Tensor:
         seqs = [rm_ids(self.fmt, it["context"], e) for it, group in zip(items, edits) for e in group]
-        ids, mask = self._batch(seqs, device)
+        ids, mask = pad_right(seqs, self.pad_id, device)
         return self.reward.to(device)(input_ids=ids, attention_mask=mask).logits.squeeze(-1).float()
 
     def loss(self, engine, items: list[dict]):
         k = self.r.rollouts_per_prompt
         edits = self._sample(items, k, self.r.temperature)
         examples = [sft_ids(self.fmt, SFTExample("", it["prompt"], e)) for it, group in zip(items, edits) for e in group]
-        ids, attention = self._batch([ex["input_ids"] for ex in examples], engine.device)
-        completion, _ = self._batch([[int(t != IGNORE) for t in ex["labels"]] for ex in examples], engine.device)
+        ids, attention = pad_right([ex["input_ids"] for ex in examples], self.pad_id, engine.device)
+        completion, _ = pad_right([[int(t != IGNORE) for t in ex["labels"]] for ex in examples], 0, engine.device)
         logp = sequence_logprobs(engine(input_ids=ids, attention_mask=attention).logits, ids, completion)
         with torch.no_grad():
             ref_logp = sequence_logprobs(self.reference.to(engine.device)(input_ids=ids, attention_mask=attention).logits, ids, completion)

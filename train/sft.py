@@ -11,7 +11,7 @@ import torch
 
 from actors.models import resolve_model
 from train.loop import chunk_steps, order
-from train.tokens import IGNORE
+from train.tokens import IGNORE, pad_right
 
 
 class SFTTask:
@@ -55,13 +55,6 @@ class SFTTask:
 
 def collate(items: list[dict], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded (input_ids, labels, attention_mask); padding is masked out of the loss."""
-    width = max(len(it["input_ids"]) for it in items)
-    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(items), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(items), width), dtype=torch.long)
-    for row, it in enumerate(items):
-        n = len(it["input_ids"])
-        ids[row, :n] = torch.tensor(it["input_ids"])
-        labels[row, :n] = torch.tensor(it["labels"])
-        mask[row, :n] = 1
-    return ids.to(device), labels.to(device), mask.to(device)
+    ids, mask = pad_right([it["input_ids"] for it in items], pad_id, device)
+    labels, _ = pad_right([it["labels"] for it in items], IGNORE, device)
+    return ids, labels, mask

@@ -9,6 +9,8 @@ Examples longer than `max_len` are dropped and counted.
 
 from __future__ import annotations
 
+import torch
+
 from actors.chat_format import ChatFormatter
 from train.prepare import Drops, PreferenceTuple, SFTExample
 
@@ -53,3 +55,14 @@ def tokenize_preferences(fmt: ChatFormatter, tuples: list[PreferenceTuple], max_
             continue
         out.append({"id": t.id, "key": t.key, **seqs})
     return out
+
+
+def pad_right(sequences: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask) of right-padded sequences: the batch shape every training forward uses."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, s in enumerate(sequences):
+        ids[row, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[row, : len(s)] = 1
+    return ids.to(device), mask.to(device)
