@@ -51,6 +51,25 @@ class Task(Protocol):
     def after_step(self, engine, step: int) -> None: ...
 
 
+class TaskBase:
+    """What every stage's task shares: its config and data, the training dtype, this rank's
+    validation share, and no work after a step (RLOO overrides that to sync its rollout pool)."""
+
+    def __init__(self, cfg: TrainConfig, train: list, validation: list, pad_id: int):
+        self.cfg, self.train, self.validation, self.pad_id = cfg, train, validation, pad_id
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.cfg.resources.use_gpu else torch.float32
+
+    def validation_share(self) -> list:
+        ctx = ray.train.get_context()
+        return self.validation[ctx.get_world_rank() :: ctx.get_world_size()]
+
+    def after_step(self, engine, step: int) -> None:
+        return None
+
+
 def deepspeed_config(cfg: TrainConfig, items_per_step: int, world: int) -> dict:
     micro = cfg.optim.micro_batch_size
     if items_per_step % (micro * world):

@@ -14,6 +14,7 @@ import random
 import torch
 
 from actors.models import resolve_model
+from train.loop import TaskBase
 from train.losses import bradley_terry
 from train.tokens import pad_right
 
@@ -43,17 +44,13 @@ def rm_steps(items: list[dict], per_step: int, seed: int) -> list[list[dict]]:
         pending = rest
 
 
-class RewardModelTask:
+class RewardModelTask(TaskBase):
     metric, mode = "val_loss", "min"
-
-    def __init__(self, cfg, train: list[dict], validation: list[dict], pad_id: int):
-        self.cfg, self.train, self.validation, self.pad_id = cfg, train, validation, pad_id
 
     def build_model(self) -> torch.nn.Module:
         from transformers import AutoModelForSequenceClassification
 
-        dtype = torch.bfloat16 if self.cfg.resources.use_gpu else torch.float32
-        model = AutoModelForSequenceClassification.from_pretrained(resolve_model(self.cfg.model), num_labels=1, dtype=dtype)
+        model = AutoModelForSequenceClassification.from_pretrained(resolve_model(self.cfg.model), num_labels=1, dtype=self.dtype)
         model.config.pad_token_id = self.pad_id  # the head reads the last non-pad token
         return model
 
@@ -76,11 +73,8 @@ class RewardModelTask:
 
     @torch.no_grad()
     def evaluate(self, engine) -> dict[str, tuple[float, float]]:
-        import ray.train
-
         engine.eval()
-        ctx = ray.train.get_context()
-        mine = self.validation[ctx.get_world_rank() :: ctx.get_world_size()]
+        mine = self.validation_share()
         loss_sum = correct = pairs = 0.0
         for i in range(0, len(mine), self.cfg.optim.micro_batch_size):
             chosen, rejected, _ = self._pairs(engine, mine[i : i + self.cfg.optim.micro_batch_size])
@@ -89,6 +83,3 @@ class RewardModelTask:
             correct += float(accuracy) * len(chosen)
             pairs += len(chosen)
         return {"val_loss": (loss_sum, pairs), "val_accuracy": (correct, pairs)}
-
-    def after_step(self, engine, step: int) -> None:
-        return None

@@ -22,7 +22,7 @@ from actors.backend import ChatRequest, Sampling
 from actors.chat_format import ChatFormatter
 from actors.models import resolve_model
 from engine import method, templates
-from train.loop import chunk_steps, order
+from train.loop import TaskBase, chunk_steps, order
 from train.losses import rloo_advantages, sequence_logprobs
 from train.prepare import Drops, SFTExample
 from train.tokens import IGNORE, pad_right, rm_ids, sft_ids
@@ -56,18 +56,18 @@ def start_rollout_pool(cfg):
     return pools, {"client": client, "replicas": list(pool.replicas)}
 
 
-class RLOOTask:
+class RLOOTask(TaskBase):
     metric, mode = "val_reward", "max"
 
     def __init__(self, cfg, train: list[dict], validation: list[dict], pad_id: int, client=None, replicas=()):
-        self.cfg, self.train, self.validation, self.pad_id = cfg, train, validation, pad_id
+        super().__init__(cfg, train, validation, pad_id)
         self.client, self.replicas = client, list(replicas)
         self.r = cfg.rloo
 
     def build_model(self) -> torch.nn.Module:
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-        dtype = torch.bfloat16 if self.cfg.resources.use_gpu else torch.float32
+        dtype = self.dtype
         path = resolve_model(self.cfg.model)
         self.fmt = ChatFormatter(AutoTokenizer.from_pretrained(path), self.cfg.data.max_seq_len)
         self.reference = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval().requires_grad_(False)
@@ -106,8 +106,7 @@ class RLOOTask:
 
     @torch.no_grad()
     def evaluate(self, engine) -> dict[str, tuple[float, float]]:
-        ctx = ray.train.get_context()
-        mine = self.validation[ctx.get_world_rank() :: ctx.get_world_size()]
+        mine = self.validation_share()
         if not mine:
             return {"val_reward": (0.0, 0.0)}
         scores = self._rewards(mine, self._sample(mine, 1, 0.0), engine.device)
