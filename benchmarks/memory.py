@@ -31,6 +31,7 @@ from pathlib import Path
 import psutil
 
 from actors.pool import plan_pools
+from benchmarks.record import record
 from engine.config import load_config
 from engine.summary import format_table
 
@@ -182,16 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{sampler.samples} samples every {args.interval:g} s; whole job peak {sampler.peak_pss_total_mb:.0f} MB PSS, "
         f"{'within' if within else 'OVER'} the {args.budget_mb:.0f} MB budget ({sampler.peak_total_mb:.0f} MB summed RSS)"
     )
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    invocation = "python -m benchmarks.memory " + " ".join(argv if argv is not None else sys.argv[1:])
-    with out.with_suffix(".md").open("a") as f:
-        f.write(f"\n## {time.strftime('%Y-%m-%d %H:%M')} `{invocation.strip()}`\n\n{table}\n\n{note}\n")
-    procs = [vars(p) for p in sampler.procs.values()]
-    out.with_suffix(".json").write_text(json.dumps({"note": note, "peak_rss_total_mb": sampler.peak_total_mb, "peak_pss_total_mb": sampler.peak_pss_total_mb, "processes": procs}, indent=2))
-    print(table)
-    print(f"\n{note}")
-    print(f"peak_rss_total_mb={sampler.peak_total_mb:.0f}")
+    data = {"peak_rss_total_mb": sampler.peak_total_mb, "peak_pss_total_mb": sampler.peak_pss_total_mb, "processes": [vars(p) for p in sampler.procs.values()]}
+    record(args.output, "benchmarks.memory", argv, table, note, data, "peak_rss_total_mb", f"{sampler.peak_total_mb:.0f}")
     return 0 if within else 1
 
 

@@ -16,15 +16,13 @@ import argparse
 import asyncio
 import json
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import httpx
 
+from benchmarks.record import record
+from benchmarks.workload import DEMO_PROMPTS
 from engine.inputs import read_prompts
-
-DEMO_PROMPTS = Path(__file__).resolve().parent.parent / "engine" / "data" / "prompts.jsonl"
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -119,15 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     records = asyncio.run(measure(url, messages, knobs, args.api_key, args.concurrency))
     table, summary = report(records, label)
     note = f"{len(records)} requests in {time.monotonic() - started:.0f}s, concurrency {args.concurrency}"
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"label": label, "concurrency": args.concurrency, **summary, "records": records}, indent=2))
-    command = "python -m benchmarks.serve_latency " + " ".join(argv if argv is not None else sys.argv[1:])
-    with out.with_suffix(".md").open("a") as f:
-        f.write(f"\n## {time.strftime('%Y-%m-%d %H:%M')} `{command.strip()}`\n\n{table}\n\n{note}\n")
-    print(table)
-    print(f"\n{note}")
-    print(f"its_over_greedy_p50={summary['ratio']['p50_s']}")
+    data = {"label": label, "concurrency": args.concurrency, **summary, "records": records}
+    record(args.output, "benchmarks.serve_latency", argv, table, note, data, "its_over_greedy_p50", summary["ratio"]["p50_s"])
     return 0
 
 
