@@ -68,7 +68,8 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
         description="Two games per question with the positions swapped, arena-hard-auto's judge prompt and template, "
         "one continuation when the judge gave no [[verdict]]. The judge is any OpenAI-compatible endpoint named in "
         "--judge-config (YAML: model, endpoint {base_url, api_key_env, timeout_s, max_retries, max_concurrency}, "
-        "baseline, temperature, max_tokens); default: gpt-4-1106-preview on api.openai.com with $OPENAI_API_KEY. "
+        "baseline, temperature, max_tokens), or a local model (backend: hf or vllm, model: a folder or 'embedded'; "
+        "see configs/judges/embedded.yaml); default: gpt-4-1106-preview on api.openai.com with $OPENAI_API_KEY. "
         "Writes <out>/<judge name>/<model>.jsonl; questions already there are skipped.",
     )
     judge.add_argument("--questions", required=True, help="arena-hard-auto question.jsonl")
@@ -104,7 +105,6 @@ def cmd_show(args: argparse.Namespace) -> int:
         write_leaderboard(scores, args.output)
         print(f"\nwrote {args.output}")
     return 0
-
 
 
 def cmd_answer(args: argparse.Namespace) -> int:

@@ -1,4 +1,5 @@
-"""The pairwise judge: arena-hard-auto's prompts, games and verdict parsing, on any OpenAI-compatible endpoint.
+"""The pairwise judge: arena-hard-auto's prompts, games and verdict parsing, on any OpenAI-compatible
+endpoint or a local model (fescale's hf or vllm backend, in this process).
 
 Per question, two games against the baseline: game 1 shows the baseline as assistant A, game 2
 swaps the positions. The conversation is arena-hard-auto's system prompt and user template (the v0.1
@@ -8,7 +9,9 @@ and finish by outputting a final verdict label") and the two turns are parsed to
 arena-hard-auto's `gen_judgment.py` does (`number_of_judgment_attempts: 2`). Two different labels
 give no verdict (and no retry): arena-hard-auto's `get_score`.
 
-The judge model, its endpoint and the baseline are config (`JudgeConfig`, YAML), never code.
+A local judge can start its continuation turn with `continuation_prefix` (e.g. "My final verdict is: [["),
+which a small model needs to end with a label at all; the prefix is part of the recorded judgment.
+The judge model, its endpoint or backend and the baseline are config (`JudgeConfig`, YAML), never code.
 Each judged question is appended to `<out>/<model>.jsonl` as soon as both games are in, so a rerun
 skips it; an endpoint that stays down raises `BackendError` naming it, after what was judged is on disk.
 """
@@ -22,7 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveInt, ValidationError
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveInt, ValidationError, model_validator
 
 from benchmarks.arena_hard.formats import Answer, Game, Judgment, Question, append_jsonl, iter_jsonl, read_answers
 from engine.config import EndpointConfig
@@ -88,7 +93,8 @@ class JudgeConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field("gpt-4-1106-preview", description="the judge's model name at the endpoint")
+    backend: Literal["openai", "hf", "vllm"] = Field("openai", description="openai: `endpoint`; hf or vllm: `model` runs in this process")
+    model: str = Field("gpt-4-1106-preview", description="the model name at the endpoint; for hf/vllm a local folder, a .gguf or 'embedded'")
     name: str | None = Field(None, description="the judgment directory name (model_judgment/<name>/); default `model`")
     endpoint: EndpointConfig = Field(
         default_factory=lambda: EndpointConfig(base_url="https://api.openai.com/v1", api_key_env="OPENAI_API_KEY"),
@@ -101,6 +107,15 @@ class JudgeConfig(BaseModel):
     system_prompt: str = JUDGE_SYSTEM_PROMPT
     prompt_template: str = PROMPT_TEMPLATE
     extra_body: dict = Field(default_factory=dict, description="extra request fields (e.g. fescale knobs for a fescale server)")
+    continuation_prefix: str = Field("", description="hf/vllm: the continuation turn starts with this text, e.g. 'My final verdict is: [['")
+    threads: PositiveInt | None = Field(None, description="hf/vllm: CPU threads of the local judge; default all cores")
+    max_model_len: PositiveInt | None = Field(None, description="hf/vllm: the local judge's context; default the model's own")
+
+    @model_validator(mode="after")
+    def _check(self) -> "JudgeConfig":
+        if self.continuation_prefix and self.backend == "openai":
+            raise ValueError("continuation_prefix needs a local judge (backend hf or vllm): a chat API cannot prefill the answer")
+        return self
 
     @property
     def judge_name(self) -> str:
@@ -132,12 +147,19 @@ def load_judge_config(source: str | Path | dict | None) -> JudgeConfig:
 
 
 class Judge:
-    """Runs the games of many questions against one endpoint, `endpoint.max_concurrency` at a time."""
+    """Runs the games of many questions on one judge: an endpoint (`endpoint.max_concurrency` requests
+    at a time) or a local backend (every game in flight at once: the backend batches them)."""
 
     def __init__(self, cfg: JudgeConfig):
+        self.cfg = cfg
+        self.client = self.backend = None
+        if cfg.backend != "openai":
+            from actors.backend import BackendSpec, make_backend
+
+            self.backend = make_backend(BackendSpec(cfg.backend, cfg.model, threads=cfg.threads or os.cpu_count() or 1, max_model_len=cfg.max_model_len))
+            return
         import openai
 
-        self.cfg = cfg
         ep = cfg.endpoint
         api_key = os.environ.get(ep.api_key_env, "") if ep.api_key_env else "unused"
         if ep.api_key_env and not api_key:
@@ -146,7 +168,20 @@ class Judge:
         self.client = openai.AsyncOpenAI(base_url=ep.base_url, api_key=api_key, timeout=ep.timeout_s, max_retries=ep.max_retries)
         self.gate = asyncio.Semaphore(ep.max_concurrency)
 
-    async def complete(self, messages: list[dict]) -> str:
+    async def close(self) -> None:
+        if self.client is not None:
+            await self.client.close()
+        if self.backend is not None:
+            await self.backend.close()
+
+    async def complete(self, messages: list[dict], prefix: str = "") -> str:
+        """The judge's next turn (starting with `prefix`, local judges only)."""
+        if self.backend is not None:
+            from actors.backend import ChatRequest, Sampling
+
+            sampling = Sampling(1, self.cfg.temperature, 1.0, self.cfg.max_tokens)
+            [result] = await self.backend.chat([ChatRequest(tuple(messages), sampling, prefix=prefix)])
+            return prefix + result.completions[0].text
         import openai
 
         ep = self.cfg.endpoint
@@ -175,8 +210,8 @@ class Judge:
         user_prompt = self.cfg.prompt_template.format(question=question.prompt, answer_a=answer_a, answer_b=answer_b)
         messages = [{"role": "system", "content": self.cfg.system_prompt_for(question)}, {"role": "user", "content": user_prompt}]
         judgment, verdict = "", Verdict(None, True)
-        for _ in range(self.cfg.attempts):
-            text = await self.complete(messages)
+        for attempt in range(self.cfg.attempts):
+            text = await self.complete(messages, self.cfg.continuation_prefix if attempt else "")
             judgment += "\n" + text
             verdict = parse_verdict(judgment)
             if not verdict.retry:
@@ -230,7 +265,7 @@ def judge_answers(
             for job in jobs:
                 job.cancel()
             await asyncio.gather(*jobs, return_exceptions=True)
-            await judge.client.close()
+            await judge.close()
 
     if todo:
         asyncio.run(run())
