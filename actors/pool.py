@@ -201,10 +201,12 @@ class PoolClient:
                 self.events.record.remote("retries")
                 hung = isinstance(e, asyncio.TimeoutError)
                 what = f"no answer within pipeline.call_timeout_s={self.policy.call_timeout_s}" if hung else _cause(e)
-                if call_id is not None and (hung or await self.events.blamed.remote(self.replicas[i]._actor_id.hex()) == call_id):
-                    failures += 1  # it ran alone when the replica died or hung: its own fault
-                if hung:
-                    ray.kill(self.replicas[i], no_restart=False)  # restart it: a hung call may hold it (isolated)
+                # Its own fault only if it was running alone when the replica died or the clock ran out; an
+                # isolated call that timed out while queued behind another isolated call is not to blame.
+                alone = call_id is not None and await self.events.blamed.remote(self.replicas[i]._actor_id.hex()) == call_id
+                failures += alone
+                if hung and (call_id is None or alone):
+                    ray.kill(self.replicas[i], no_restart=False)  # restart it: a hung call may hold it
                 if failures >= self.policy.max_attempts:
                     raise RequestError(
                         f"pool {self.name}: a replica died or hung {failures} times running this prompt's call "
