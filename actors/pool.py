@@ -73,6 +73,10 @@ class PoolEvents:
     def up(self, replica: str) -> None:
         self.loaded[replica] = True
 
+    def down(self, replica: str) -> None:
+        """A client is about to kill this replica: it is not up again until its next incarnation says so."""
+        self.loaded[replica] = False
+
     def is_up(self, replica: str) -> bool:
         return self.loaded.get(replica, False)
 
@@ -205,8 +209,11 @@ class PoolClient:
                 # isolated call that timed out while queued behind another isolated call is not to blame.
                 alone = call_id is not None and await self.events.blamed.remote(self.replicas[i]._actor_id.hex()) == call_id
                 failures += alone
-                if hung and (call_id is None or alone):
-                    ray.kill(self.replicas[i], no_restart=False)  # restart it: a hung call may hold it
+                if hung and (call_id is None or alone):  # restart it: a hung call may hold it
+                    # `ray.kill` lands later: until then the old process still answers, and a retry sent
+                    # there would die with it and be blamed for this kill.
+                    await self.events.down.remote(self.replicas[i]._actor_id.hex())
+                    ray.kill(self.replicas[i], no_restart=False)
                 if failures >= self.policy.max_attempts:
                     raise RequestError(
                         f"pool {self.name}: a replica died or hung {failures} times running this prompt's call "
@@ -231,12 +238,15 @@ class PoolClient:
             self._in_flight[i] -= 1
 
     async def _wait_ready(self, i: int) -> None:
-        """Until Ray has restarted replica i; a replica that stays dead fails the pool."""
+        """Until Ray has restarted replica i and it has loaded its model; one that stays dead fails the pool."""
         deadline = time.monotonic() + self.policy.ready_timeout_s
+        replica = self.replicas[i]
         while time.monotonic() < deadline:
             try:
-                await asyncio.wait_for(self.replicas[i].ready.remote(), max(1.0, deadline - time.monotonic()))
-                return
+                await asyncio.wait_for(replica.ready.remote(), max(1.0, deadline - time.monotonic()))
+                if await self.events.is_up.remote(replica._actor_id.hex()):
+                    return
+                await asyncio.sleep(0.5)  # the answer came from a process being killed: not yet restarted
             except ray.exceptions.ActorUnavailableError:
                 await asyncio.sleep(1.0)  # restarting
             except ray.exceptions.RayActorError as e:
