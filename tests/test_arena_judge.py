@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -19,6 +16,7 @@ from benchmarks.arena_hard.formats import read_questions
 from benchmarks.arena_hard.judge import judge_answers, load_judge_config
 from conftest import SHARED
 from engine.errors import BackendError, ConfigError
+from scripted_server import ScriptedServer
 
 ARENA = SHARED / "arena-hard-v0.1"
 ANSWERS = ARENA / "model_answer" / "gpt-3.5-turbo-0125.jsonl"
@@ -30,44 +28,20 @@ def questions():
     return read_questions(ARENA / "question.jsonl")[:2]
 
 
-class JudgeServer:
+def judge_server(hang_on: str | None = None) -> ScriptedServer:
     """Answers every chat completion with `[[A>B]]`, except that a game about `hang_on` never answers."""
 
-    def __init__(self, hang_on: str | None = None):
-        self.requests = 0
-        outer = self
+    def respond(body):
+        if hang_on and any(hang_on in m["content"] for m in body["messages"]):
+            return None
+        reply = {
+            "id": "j", "object": "chat.completion", "created": 0, "model": body["model"],
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "My final verdict is: [[A>B]]"}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+        }
+        return 200, reply, {}, 0
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                outer.requests += 1
-                if hang_on and any(hang_on in m["content"] for m in body["messages"]):
-                    time.sleep(5)
-                    return
-                reply = {
-                    "id": "j", "object": "chat.completion", "created": 0, "model": body["model"],
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": "My final verdict is: [[A>B]]"}, "finish_reason": "stop"}],
-                    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
-                }
-                data = json.dumps(reply).encode()
-                try:
-                    self.send_response(200)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/v1"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
+    return ScriptedServer(respond)
 
 
 def endpoint_judge(url: str, **endpoint):
@@ -79,7 +53,7 @@ def rows(path):
 
 
 def test_a_hanging_judge_fails_with_its_timeout_and_keeps_what_was_judged(questions, tmp_path):
-    hung = JudgeServer(hang_on=questions[1].prompt[:60])
+    hung = judge_server(hang_on=questions[1].prompt[:60])
     try:
         with pytest.raises(BackendError, match=r"did not answer within endpoint.timeout_s=1.0s"):
             judge_answers(endpoint_judge(hung.url), questions, ANSWERS, BASELINE, tmp_path, progress=False)
@@ -87,12 +61,12 @@ def test_a_hanging_judge_fails_with_its_timeout_and_keeps_what_was_judged(questi
         hung.close()
     out = tmp_path / "gpt-3.5-turbo-0125.jsonl"
     assert [r["question_id"] for r in rows(out)] == [questions[0].id]  # the finished question is on disk
-    working = JudgeServer()
+    working = judge_server()
     try:
         judge_answers(endpoint_judge(working.url), questions, ANSWERS, BASELINE, tmp_path, progress=False)
     finally:
         working.close()
-    assert working.requests == 2  # only the missing question's two games
+    assert len(working.requests) == 2  # only the missing question's two games
     assert sorted(r["question_id"] for r in rows(out)) == sorted(q.id for q in questions)
     assert all(g["score"] == "A>B" for r in rows(out) for g in r["games"])
 

@@ -12,10 +12,8 @@ import json
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -28,6 +26,7 @@ from engine.inputs import Prompt
 from engine.runner import execute
 from engine.sinks import JsonlSink
 from engine.summary import Summary
+from scripted_server import ScriptedServer
 
 Q = ({"role": "user", "content": "What is the capital of France?"},)
 COMPLETION = {
@@ -47,40 +46,10 @@ def spec(base_url, **endpoint):
     return BackendSpec(backend="openai", model="m", endpoint={"base_url": base_url, "timeout_s": 2.0, "max_retries": 2, **endpoint})
 
 
-class Scripted:
-    """A local HTTP server answering each POST with the next scripted (status, body, headers, delay)."""
-
-    def __init__(self, script):
-        self.script = list(script)
-        self.requests = []
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                outer.requests.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-                status, body, headers, delay = outer.script.pop(0) if outer.script else (200, COMPLETION, {}, 0)
-                time.sleep(delay)
-                data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
-                try:
-                    self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(data)))
-                    for k, v in headers.items():
-                        self.send_header(k, v)
-                    self.end_headers()
-                    self.wfile.write(data)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/v1"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
+def scripted(script) -> ScriptedServer:
+    """Answers each POST with the next scripted (status, body, headers, delay); a completion after the script."""
+    script = list(script)
+    return ScriptedServer(lambda body: script.pop(0) if script else (200, COMPLETION, {}, 0))
 
 
 def chat(backend, n=1):
@@ -88,7 +57,7 @@ def chat(backend, n=1):
 
 
 def test_transient_failures_are_retried_then_succeed():
-    server = Scripted([(500, {"error": {"message": "boom"}}, {}, 0), (429, {"error": {"message": "slow down"}}, {"Retry-After": "0"}, 0)])
+    server = scripted([(500, {"error": {"message": "boom"}}, {}, 0), (429, {"error": {"message": "slow down"}}, {"Retry-After": "0"}, 0)])
     try:
         [res] = chat(OpenAIBackend(spec(server.url)))
         assert res.completions[0].text == "Paris." and res.prompt_tokens == 9 and res.completions[0].tokens == 2
@@ -107,7 +76,7 @@ def test_transient_failures_are_retried_then_succeed():
     ],
 )
 def test_persistent_failures_end_in_an_error_naming_the_endpoint(script, needle):
-    server = Scripted(script)
+    server = scripted(script)
     try:
         with pytest.raises(BackendError) as err:
             chat(OpenAIBackend(spec(server.url)))
@@ -118,7 +87,7 @@ def test_persistent_failures_end_in_an_error_naming_the_endpoint(script, needle)
 
 
 def test_client_errors_are_not_retried():
-    server = Scripted([(400, {"error": {"message": "prompt too long"}}, {}, 0), (401, {"error": {"message": "bad key"}}, {}, 0)])
+    server = scripted([(400, {"error": {"message": "prompt too long"}}, {}, 0), (401, {"error": {"message": "bad key"}}, {}, 0)])
     try:
         backend = OpenAIBackend(spec(server.url))
         with pytest.raises(RequestError, match="rejected the request: prompt too long"):
@@ -144,7 +113,7 @@ def test_missing_api_key_env_is_a_clear_error(monkeypatch):
 
 
 def test_concurrency_is_bounded():
-    server = Scripted([(200, COMPLETION, {}, 0.3)] * 6)
+    server = scripted([(200, COMPLETION, {}, 0.3)] * 6)
     try:
         backend = OpenAIBackend(spec(server.url, max_concurrency=2))
         started = time.monotonic()
