@@ -6,7 +6,9 @@ string column at every stage (no Arrow type drift between batches with and witho
 
 Stage actors hold no model. Each is an async actor that runs the prompts of several batches at once
 and awaits the role pools, which batch the calls of all stages together; so a stage costs a tenth
-of a CPU and the model replicas stay busy while rows stream from generate to select.
+of a CPU and the model replicas stay busy while rows stream from generate to select. A step that
+calls no model (filter/rerank) runs in the stage of the step before it: its own stage would cost
+an actor process and a hand-off of every row for microseconds of work.
 """
 
 from __future__ import annotations
@@ -22,14 +24,14 @@ from engine.errors import RequestError
 from engine.rows import PromptState, RowError
 from engine.steps import Step
 
-MAX_STAGES = 5  # generate, feedback, filter, edit, select
+MAX_STAGES = 4  # generate, feedback (+ filter), edit, select
 
 
 class StageActor:
-    """Runs one step over a batch of rows; a prompt that fails with a RequestError carries its error on."""
+    """Runs a stage's steps over a batch of rows; a prompt that fails with a RequestError carries its error on."""
 
-    def __init__(self, step: Step):
-        self.step = step
+    def __init__(self, steps: list[Step]):
+        self.steps = steps
 
     async def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         states = [PromptState.model_validate_json(s) for s in batch["state"]]
@@ -37,12 +39,13 @@ class StageActor:
         return {"id": [s.id for s in states], "state": [s.model_dump_json() for s in states]}
 
     async def _run(self, state: PromptState) -> None:
-        if state.error is not None:
-            return
-        try:
-            await self.step.run(state)
-        except RequestError as e:
-            state.error = RowError(stage=self.step.name, message=str(e))
+        for step in self.steps:
+            if state.error is not None:
+                return
+            try:
+                await step.run(state)
+            except RequestError as e:
+                state.error = RowError(stage=step.name, message=str(e))
 
 
 def to_dataset(states: list[PromptState], batch_size: int) -> ray.data.Dataset:
@@ -51,11 +54,22 @@ def to_dataset(states: list[PromptState], batch_size: int) -> ray.data.Dataset:
     return ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / batch_size)))
 
 
-def build_pipeline(ds: ray.data.Dataset, steps: list[Step], cfg: PipelineConfig) -> ray.data.Dataset:
+def stages(steps: list[Step]) -> list[list[Step]]:
+    """Steps grouped into stages: each model-calling step with the model-free steps after it."""
+    grouped: list[list[Step]] = []
     for step in steps:
+        if step.calls_model or not grouped:
+            grouped.append([step])
+        else:
+            grouped[-1].append(step)
+    return grouped
+
+
+def build_pipeline(ds: ray.data.Dataset, steps: list[Step], cfg: PipelineConfig) -> ray.data.Dataset:
+    for stage in stages(steps):
         ds = ds.map_batches(
             StageActor,
-            fn_constructor_kwargs={"step": step},
+            fn_constructor_kwargs={"steps": stage},
             batch_size=cfg.batch_size,
             compute=ray.data.ActorPoolStrategy(
                 size=cfg.stage_actors,

@@ -24,6 +24,7 @@ LEVEL_CHOICES = tuple(f" {level}" for level in method.LEVELS)
 
 class Step(abc.ABC):
     name: str
+    calls_model = True  # False: pure bookkeeping on the state (the pipeline runs it with the step before)
 
     @abc.abstractmethod
     async def run(self, state: PromptState) -> None: ...
@@ -92,6 +93,7 @@ class FilterStep(Step):
     """Drop perfectly-helpful and unparseable feedback, rerank by keywords, keep E, form sets."""
 
     name = "filter"
+    calls_model = False
 
     def __init__(self, cfg: FeedbackConfig, seed: int):
         self.cfg, self.seed = cfg, seed

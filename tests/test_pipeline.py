@@ -130,3 +130,16 @@ def test_a_replica_no_node_can_hold_is_refused_at_once(ray_session, tiny_model):
     cfg = make_config(tiny_model, mode="greedy", roles={"generator": {"model": tiny_model, "num_cpus": 64}})
     with pytest.raises(ConfigError, match=r"needs 64 CPUs and 0 GPUs on one node, and no node .* lower `roles.generator.num_cpus`"):
         Pools(cfg).start()
+
+
+def test_a_model_free_step_rides_in_the_stage_before_it(tiny_model):
+    """filter/rerank costs microseconds: it runs in the feedback stage, not in an actor of its own."""
+    from engine.pipeline import MAX_STAGES, stages
+    from engine.steps import build_steps
+
+    for mode in ("feedback_edit", "edit_without_feedback", "greedy"):
+        cfg = make_config(tiny_model, mode=mode)
+        grouped = [[s.name for s in stage] for stage in stages(build_steps(cfg, lambda role: None))]
+        assert len(grouped) <= MAX_STAGES and all(stage[0] != "filter" for stage in grouped)
+        if mode == "feedback_edit":
+            assert grouped == [["generate"], ["feedback", "filter"], ["edit"], ["select"]]
