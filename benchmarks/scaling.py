@@ -13,7 +13,7 @@ All three share this machine's 2 physical cores, so the speedups say what fescal
 replicas on the same cores, and that a multi-node placement works at the same speed, not how a
 larger cluster scales.
 
-    python -m benchmarks.scaling --quick    # 4 prompts, short answers: under 3 minutes here... per setup
+    python -m benchmarks.scaling --quick    # 4 prompts, short answers: under 3 minutes here
     python -m benchmarks.scaling            # 8 prompts of the default config
 """
 
@@ -81,10 +81,11 @@ def main(argv: list[str] | None = None) -> int:
         results[name]["prompts_per_hour"] = 3600 * results[name]["prompts"] / results[name]["seconds"]
     base = results["1 replica x 2 threads"]["prompts_per_hour"]
     rows = [
-        (name, str(r["replica_nodes"]), str(r["prompts"]), f"{r['seconds']:.1f}", str(r["tokens"]), f"{r['prompts_per_hour']:.0f}", f"{r['prompts_per_hour'] / base:.2f}x")
+        (name, str(r["replica_nodes"]), str(r["prompts"]), f"{r['seconds']:.1f}", str(r["tokens"]), f"{r['tokens'] / r['seconds']:.1f}", f"{r['prompts_per_hour']:.0f}", f"{r['prompts_per_hour'] / base:.2f}x")
         for name, r in results.items()
     ]
-    table = format_table(["setup (HF, embedded model)", "nodes used", "prompts", "seconds", "generated tokens", "prompts / hour", "vs 1 replica"], rows)
+    headers = ["setup (HF, embedded model)", "nodes used", "prompts", "seconds", "generated tokens", "generated tok/s", "prompts / hour", "vs 1 replica"]
+    table = format_table(headers, rows)
     speedup = results["2 replicas x 1 thread"]["prompts_per_hour"] / base
     cfg = load_config(args.config, [*(QUICK if args.quick else []), *args.set])
     note = (
