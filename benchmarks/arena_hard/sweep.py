@@ -285,7 +285,7 @@ def plot(results: list[PointResult], out: Path, name: str) -> None:
     if scored:
         draw(ax, scored, linestyle="none", color="tab:gray", label="sweep points")
         frontier = pareto_frontier(scored)
-        ax.plot([r.tokens_vs_reference or 1.0 for r in frontier], [r.score for r in frontier], "-o", color="tab:red", label="Pareto frontier")
+        ax.plot([r.tokens_vs_reference or 1.0 for r in frontier], [r.score for r in frontier], "-o", color="tab:red", markersize=8, zorder=3, label="Pareto frontier")
         for r in frontier:
             ax.annotate(f"{r.axis}={r.label}", (r.tokens_vs_reference or 1.0, r.score), textcoords="offset points", xytext=(4, -10), fontsize=7)
         ax.legend(fontsize=8)
