@@ -78,6 +78,12 @@ class GridSpec(BaseModel):
     limit: int | None = Field(None, description="only the first N questions")
     axes: dict[str, AxisSpec]
 
+    def points(self) -> list[tuple[str, str, list[str]]]:
+        """(axis, label, overrides) of every point, the greedy reference first."""
+        return [(REFERENCE_AXIS, "greedy", self.reference)] + [
+            (axis, label, sets) for axis, spec in self.axes.items() for label, sets in spec.overrides().items()
+        ]
+
 
 def load_grid(path: str | Path) -> GridSpec:
     path = Path(path)
@@ -148,10 +154,7 @@ def run_sweep(
     judge_cfg = load_judge_config(judge if judge is not None else grid.judge)
     qs = read_questions(questions)[: limit or grid.limit]
     answer_dir, judgment_dir = out / "data" / "model_answer", out / "data" / "model_judgment" / judge_cfg.judge_name
-    points = [(REFERENCE_AXIS, "greedy", grid.reference)] + [
-        (axis, label, sets) for axis, spec in grid.axes.items() for label, sets in spec.overrides().items()
-    ]
-    configs = [(axis, label, load_config(grid.config, [*grid.set, *sets])) for axis, label, sets in points]
+    configs = [(axis, label, load_config(grid.config, [*grid.set, *sets])) for axis, label, sets in grid.points()]
     pools, covered = None, set()
     results: list[PointResult] = []
     try:
