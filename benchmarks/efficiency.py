@@ -52,16 +52,25 @@ class _Discard:
         pass
 
 
-def cpu_seconds() -> dict[int, float]:
-    """User + system CPU seconds of every process on the machine, by PID."""
+def cpu_seconds() -> dict[int, tuple[str, float]]:
+    """(what it is, user + system CPU seconds) of every process on the machine, by PID."""
     seconds = {}
     for proc in psutil.process_iter():
         try:
             t = proc.cpu_times()
+            seconds[proc.pid] = (process_label(proc), t.user + t.system)
         except psutil.Error:
             continue
-        seconds[proc.pid] = t.user + t.system
     return seconds
+
+
+def process_label(proc: psutil.Process) -> str:
+    """A process's role: Ray's title (`ray::StageActor`, `raylet`), else the script a Python runs."""
+    cmd = proc.cmdline() or [proc.name()]
+    if cmd[0].startswith("ray::"):
+        return cmd[0].split()[0]
+    script = next((a for a in cmd[1:] if a.endswith(".py")), None) if "python" in os.path.basename(cmd[0]) else None
+    return os.path.basename(script or cmd[0])
 
 
 def engine_pids(roots: list[int]) -> set[int]:
@@ -80,10 +89,15 @@ def timed(run: Callable[[], dict], roots: list[int]) -> dict:
     before = cpu_seconds()
     result = run()
     after = cpu_seconds()
-    spent = {pid: t - before.get(pid, 0.0) for pid, t in after.items()}
+    spent = {pid: (label, t - before.get(pid, ("", 0.0))[1]) for pid, (label, t) in after.items()}
     model = engine_pids(roots)
-    result["cpu_model_s"] = sum(t for pid, t in spent.items() if pid in model)
-    result["cpu_other_s"] = sum(t for pid, t in spent.items() if pid not in model)
+    result["cpu_model_s"] = sum(t for pid, (_, t) in spent.items() if pid in model)
+    result["cpu_other_s"] = sum(t for pid, (_, t) in spent.items() if pid not in model)
+    by_label: dict[str, float] = {}
+    for pid, (label, t) in spent.items():
+        if pid not in model and t > 0:
+            by_label[label] = by_label.get(label, 0.0) + t
+    result["cpu_other_by_process"] = dict(sorted(((k, round(v, 2)) for k, v in by_label.items()), key=lambda kv: -kv[1]))
     return result
 
 
@@ -183,6 +197,11 @@ def main(argv: list[str] | None = None) -> int:
     raw, ours = total["raw"], total["fescale"]
     rate = {k: v["tokens"] / v["seconds"] for k, v in total.items()}
     ratio = rate["fescale"] / rate["raw"]
+    other: dict[str, float] = {}
+    for r in runs["fescale"]:
+        for label, t in r["cpu_other_by_process"].items():
+            other[label] = other.get(label, 0.0) + t
+    top = ", ".join(f"{label} {t:.1f}" for label, t in sorted(other.items(), key=lambda kv: -kv[1])[:6])
     per_round = ", ".join(f"{b['tokens'] / b['seconds'] / (a['tokens'] / a['seconds']):.2f}" for a, b in zip(runs["raw"], runs["fescale"]))
     g, f, e = cfg.generate, cfg.feedback, cfg.edit
     work = f"{cfg.mode}: N={g.num_responses}, M={f.samples}, E={f.effective}, K={e.edits_per_set}, max_tokens {g.max_tokens}/{f.max_tokens}/{e.max_tokens}"
@@ -198,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     table = format_table(headers, rows)
     note = (
         f"{args.backend}, {cfg.roles.generator.model} model, {work}; {rounds} alternating round(s) of {len(batch)} prompts "
-        f"per side (ratio per round: {per_round}); model loading and one warm-up prompt excluded from both"
+        f"per side (ratio per round: {per_round}); model loading and one warm-up prompt excluded from both; "
+        f"(b)'s other CPU seconds by process: {top}"
     )
     data = {"backend": args.backend, "work": work, "rounds": runs, "raw": raw, "fescale": ours, "ratio": ratio}
     record(args.output, "benchmarks.efficiency", argv, table, note, data, "efficiency_ratio", f"{ratio:.2f}")
