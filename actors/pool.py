@@ -63,12 +63,13 @@ class PoolEvents:
     def run(self, replica: str, call: str | None) -> None:
         self.running[replica] = call
 
-    def starting(self, replica: str, restarted: bool) -> None:
+    def starting(self, replica: str) -> None:
+        """A replica's process is loading its model; a replica seen starting before is a restart."""
         # `running` is kept: a restarted replica can report here before the caller of the call that
         # killed it asks `blamed`, and clearing it then let a poison call retry until restarts ran out.
-        self.loaded[replica] = False
-        if restarted:
+        if replica in self.loaded:
             self.counts["restarts"] += 1
+        self.loaded[replica] = False
 
     def up(self, replica: str) -> None:
         self.loaded[replica] = True
@@ -100,11 +101,13 @@ class ModelReplica:
     def __init__(self, spec: BackendSpec, events):
         self.events = events
         self.id = ray.get_runtime_context().get_actor_id()
-        ray.get(events.starting.remote(self.id, ray.get_runtime_context().was_current_actor_reconstructed))
+        # The constructor waits for the events actor on purpose (no call runs yet). ray.wait, not
+        # ray.get: ray.get in an async actor logs a "blocks the event loop" warning meant for methods.
+        ray.wait([events.starting.remote(self.id)])
         self.crash_on = os.environ.get("FESCALE_CHAOS_CRASH_ON")
         self.hang_on = os.environ.get("FESCALE_CHAOS_HANG_ON")
         self.backend = make_backend(spec)
-        ray.get(events.up.remote(self.id))
+        ray.wait([events.up.remote(self.id)])
         self._gate = asyncio.Condition()
         self._shared = 0  # ordinary calls in flight
         self._isolated = False  # an isolated call is running
