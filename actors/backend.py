@@ -1,8 +1,9 @@
 """The one interface every role's model sits behind: chat in, n completions out; scores for reward.
 
-Three implementations: `HFBackend` (transformers, the embedded default), `VLLMBackend` (vLLM's
-async engine, production), `OpenAIBackend` (any OpenAI-compatible endpoint). The pipeline and the
-Serve app only see this interface, through the role pools in `actors.pool`.
+Three implementations, found by name through `actors.registry`: `HFBackend` (transformers, the
+embedded default), `VLLMBackend` (vLLM's async engine, production), `OpenAIBackend` (any
+OpenAI-compatible endpoint). The method's steps see only `ModelClient`: the same three calls,
+answered by a pool of replicas (`actors.client.PoolClient`) or by a backend in-process.
 
 Requests are plain frozen dataclasses so they pickle cheaply across Ray actor calls.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,7 @@ class ScoreResult:
 class BackendSpec:
     """Everything a replica needs to build its backend (resolved from a `RoleConfig`)."""
 
-    backend: Literal["hf", "vllm", "openai"]
+    backend: str  # a registered name (hf, vllm, openai) or a "module:Class" import path
     model: str  # a local folder for hf/vllm (already resolved), the model name for openai
     kind: Literal["causal", "classifier"] = "causal"
     seed: int = 0
@@ -116,18 +117,11 @@ class Backend(abc.ABC):
         return None
 
 
-def make_backend(spec: BackendSpec) -> Backend:
-    """Build the backend a spec names (imports each engine only when it is used)."""
-    if spec.backend == "hf":
-        from actors.hf_backend import HFBackend
+class ModelClient(Protocol):
+    """What the method's steps call: a `Backend` in-process, or a pool of replicas of one."""
 
-        return HFBackend(spec)
-    if spec.backend == "vllm":
-        from actors.vllm_backend import VLLMBackend
+    async def chat(self, requests: list[ChatRequest]) -> list[ChatResult]: ...
 
-        return VLLMBackend(spec)
-    if spec.backend == "openai":
-        from actors.openai_backend import OpenAIBackend
+    async def next_token_logprobs(self, requests: list[NextTokenRequest]) -> list[ScoreResult]: ...
 
-        return OpenAIBackend(spec)
-    raise ValueError(f"unknown backend {spec.backend!r}")
+    async def classify(self, requests: list[ClassifyRequest]) -> list[ScoreResult]: ...

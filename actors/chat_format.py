@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from engine.errors import RequestError
+from actors.errors import ContextLengthError
 
 
 class ChatFormatter:
@@ -31,7 +31,7 @@ class ChatFormatter:
     def checked(self, ids: list[int]) -> list[int]:
         """Prompt ids that leave room for at least one new token, else a per-request error."""
         if len(ids) >= self.max_model_len:
-            raise RequestError(
+            raise ContextLengthError(
                 f"prompt is {len(ids)} tokens, the model's context is {self.max_model_len}; "
                 "shorten the prompt or raise the role's max_model_len"
             )
@@ -41,7 +41,7 @@ class ChatFormatter:
         """A whole conversation, ending with its last turn (what a classifier head scores)."""
         ids = self.encode(self.tokenizer.apply_chat_template(list(messages), tokenize=False))
         if len(ids) > self.max_model_len:
-            raise RequestError(f"conversation is {len(ids)} tokens, the model's context is {self.max_model_len}")
+            raise ContextLengthError(f"conversation is {len(ids)} tokens, the model's context is {self.max_model_len}")
         return ids
 
     def choice_token_ids(self, prompt_text: str, prompt_ids: list[int], choices: Sequence[str]) -> list[int]:

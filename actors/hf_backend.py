@@ -17,16 +17,7 @@ from typing import Any, Callable, Sequence
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig
 
-from actors.backend import (
-    Backend,
-    BackendSpec,
-    ChatRequest,
-    ChatResult,
-    ClassifyRequest,
-    Completion,
-    NextTokenRequest,
-    ScoreResult,
-)
+from actors.backend import Backend, BackendSpec, ChatRequest, ChatResult, ClassifyRequest, Completion, NextTokenRequest, ScoreResult
 from actors.chat_format import ChatFormatter
 from actors.models import resolve_model
 

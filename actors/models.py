@@ -16,7 +16,7 @@ import os
 import shutil
 from pathlib import Path
 
-from engine.errors import ConfigError
+from actors.errors import ConfigError
 
 log = logging.getLogger("fescale")
 

@@ -23,7 +23,7 @@ from typing import Any
 import openai
 
 from actors.backend import Backend, BackendSpec, ChatRequest, ChatResult, Completion, NextTokenRequest, ScoreResult
-from engine.errors import BackendError, RequestError
+from actors.errors import BackendError, ConfigError, RequestError
 
 TOP_LOGPROBS = 20
 
@@ -53,7 +53,7 @@ class OpenAIBackend(Backend):
         key_env = ep.get("api_key_env")
         self.api_key = os.environ.get(key_env, "") if key_env else "EMPTY"
         if key_env and not self.api_key:
-            raise BackendError(f"endpoint {self.base_url}: environment variable {key_env} (api_key_env) is not set")
+            raise ConfigError(f"endpoint {self.base_url} needs an API key in ${key_env} (api_key_env), which is not set; set it")
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def _session(self) -> tuple[openai.AsyncOpenAI, asyncio.Semaphore]:
@@ -130,10 +130,15 @@ class OpenAIBackend(Backend):
                 await asyncio.sleep(_backoff(attempt, e))
             except openai.APIStatusError as e:  # 401/403/404 ...: retrying will not help
                 raise BackendError(f"endpoint {self.base_url} ({self.spec.model}): HTTP {e.status_code}: {_message(e)}") from None
-        raise BackendError(
-            f"endpoint {self.base_url} ({self.spec.model}) failed after {self.max_retries + 1} attempts: "
-            f"{type(last).__name__}: {_message(last)}"
-        )
+        raise BackendError(f"endpoint {self.base_url} ({self.spec.model}) failed after {self.max_retries + 1} attempts: {self._why(last)}")
+
+    def _why(self, error: Exception | None) -> str:
+        """The last failure, with what to change where there is something to change."""
+        if isinstance(error, openai.APITimeoutError):
+            return f"no answer within endpoint.timeout_s={self.timeout_s}s; raise the timeout or lower endpoint.max_concurrency"
+        if isinstance(error, openai.APIConnectionError):
+            return f"APIConnectionError: unreachable ({error.__cause__ or _message(error)})"
+        return f"{type(error).__name__}: {_message(error)}"
 
 
 def _backoff(attempt: int, error: Exception) -> float:

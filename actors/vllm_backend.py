@@ -17,19 +17,10 @@ import os
 import uuid
 from typing import Any
 
-from actors.backend import (
-    Backend,
-    BackendSpec,
-    ChatRequest,
-    ChatResult,
-    ClassifyRequest,
-    Completion,
-    NextTokenRequest,
-    ScoreResult,
-)
+from actors.backend import Backend, BackendSpec, ChatRequest, ChatResult, ClassifyRequest, Completion, NextTokenRequest, ScoreResult
 from actors.chat_format import ChatFormatter
+from actors.errors import BackendError
 from actors.models import resolve_model
-from engine.errors import BackendError
 
 
 def engine_args(spec: BackendSpec, path: str) -> dict[str, Any]:

@@ -4,10 +4,10 @@ Faults, each on the embedded model on a local Ray cluster:
 - `replica SIGKILL`: the pool's model replica process is killed (SIGKILL) while prompts are in flight
   in every stage, `--kills` times; Ray restarts it and the calls it held are retried.
 - `poison prompts`: prompts that crash their replica every time they reach it
-  (`FESCALE_CHAOS_CRASH_ON`); each is tried `pipeline.max_attempts` times alone, then written to the
+  (`benchmarks.faults.FaultyBackend` around the HF backend); each is tried `pipeline.max_attempts` times alone, then written to the
   errors file while the rest of the run goes on.
 - `crash before manifest line`: `fescale distill` dies between a shard's rename and its manifest line
-  (`FESCALE_CHAOS_EXIT_BEFORE_MANIFEST`); the rerun deletes the unlisted shard and redoes its prompts.
+  (`python -m benchmarks.faults exit-before-manifest`); the rerun deletes the unlisted shard and redoes its prompts.
 - `flaky endpoint`: every role on the OpenAI backend, through a proxy that answers every 2nd request
   with a 500, a 429 (Retry-After: 1), a reset connection or malformed JSON (in turn), in front of a real
   OpenAI-compatible server (fescale's own Serve app, greedy).
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import itertools
 import json
 import os
 import signal
@@ -31,13 +32,14 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import ray
 import yaml
 
-from actors.pool import Pools
+from engine.pools import Pools
+from benchmarks.faults import faulty_role
+from benchmarks.http_stub import Answer, HttpStub
 from engine.config import load_config
 from engine.inputs import Prompt
 from engine.runner import execute, init_ray
@@ -70,7 +72,7 @@ def run_pipeline(cfg, prompts: list[Prompt], out: Path, kills: int = 0) -> dict:
     summary = Summary(cfg.mode, cfg.config_hash())
     restarts_s: list[float] = []
     with Pools(cfg) as pools:
-        [replica] = next(iter(pools.pools.values())).replicas
+        [replica] = next(iter(pools.replicas.values()))
         marks = [max(1, len(prompts) * (k + 1) // (kills + 1)) for k in range(kills)]
         written = [0]
 
@@ -111,11 +113,12 @@ def run_distill_crash(n: int, workdir: Path) -> dict:
     source = workdir / "prompts.jsonl"
     source.write_text("".join(json.dumps({"id": p.id, "prompt": p.messages[0]["content"]}) + "\n" for p in make_prompts(n)))
     out = workdir / "distill"
-    args = [sys.executable, "-m", "engine.cli", "distill", "--config", str(config), "--input", str(source), "--output-dir", str(out), "--shard-size", "2", "--quiet"]
+    args = ["distill", "--config", str(config), "--input", str(source), "--output-dir", str(out), "--shard-size", "2", "--quiet"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": ""}
-    crash = subprocess.run(args, cwd=REPO, env={**env, "FESCALE_CHAOS_EXIT_BEFORE_MANIFEST": "part-00001"}, capture_output=True, text=True)
+    crashing = [sys.executable, "-m", "benchmarks.faults", "exit-before-manifest", "part-00001", "--"]
+    crash = subprocess.run([*crashing, *args], cwd=REPO, env=env, capture_output=True, text=True)
     started = time.monotonic()
-    resume = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True)
+    resume = subprocess.run([sys.executable, "-m", "cli", *args], cwd=REPO, env=env, capture_output=True, text=True)
     seconds = time.monotonic() - started
     if crash.returncode != 1 or resume.returncode != 0:
         raise RuntimeError(f"distill crash/resume went wrong:\n{crash.stderr[-2000:]}\n{resume.stderr[-2000:]}")
@@ -127,44 +130,37 @@ def run_distill_crash(n: int, workdir: Path) -> dict:
 class FlakyProxy:
     """Forwards POSTs to `upstream`; every `every`-th request gets the next fault instead."""
 
-    FAULTS = ("500", "429", "reset", "malformed")
+    ANSWERS = {
+        "500": (500, b'{"error": {"message": "injected"}}', {}),
+        "429": (429, b'{"error": {"message": "slow down"}}', {"Retry-After": "1"}),
+        "reset": None,  # the connection is dropped without an answer
+        "malformed": (200, b'{"id": "x", "choices": [', {}),
+    }
+    FAULTS = tuple(ANSWERS)  # injected in this order, round and round
 
     def __init__(self, upstream: str, every: int = 2):
         self.injected: Counter = Counter()
-        host, port = upstream.split(":")
-        count = [0]
-        outer = self
+        self.upstream, self.every = upstream, every
+        self.count = itertools.count(1)
+        self.stub = HttpStub(self.handle)
+        self.url = self.stub.url
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                count[0] += 1
-                if count[0] % every == 0:
-                    fault = outer.FAULTS[(count[0] // every) % len(outer.FAULTS)]
-                    outer.injected[fault] += 1
-                    if fault == "reset":
-                        self.connection.shutdown(2)
-                        return
-                    status, data, extra = {"500": (500, b'{"error": {"message": "injected"}}', {}), "429": (429, b'{"error": {"message": "slow down"}}', {"Retry-After": "1"}), "malformed": (200, b'{"id": "x", "choices": [', {})}[fault]
-                else:
-                    conn = http.client.HTTPConnection(host, int(port), timeout=600)
-                    conn.request("POST", self.path, body, {"Content-Type": "application/json"})
-                    answer = conn.getresponse()
-                    status, data, extra = answer.status, answer.read(), {}
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                for k, v in extra.items():
-                    self.send_header(k, v)
-                self.end_headers()
-                self.wfile.write(data)
+    def handle(self, path: str, body: bytes) -> Answer | None:
+        n = next(self.count)
+        if n % self.every == 0:
+            fault = self.FAULTS[(n // self.every) % len(self.FAULTS)]
+            self.injected[fault] += 1
+            return self.ANSWERS[fault]
+        conn = http.client.HTTPConnection(self.upstream, timeout=600)
+        conn.request("POST", path, body, {"Content-Type": "application/json"})
+        try:
+            answer = conn.getresponse()
+            return answer.status, answer.read(), {}
+        finally:
+            conn.close()
 
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/v1"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+    def close(self) -> None:
+        self.stub.close()
 
 
 def run_flaky_endpoint(prompts: list[Prompt], workdir: Path) -> tuple[dict, dict]:
@@ -184,6 +180,8 @@ def run_flaky_endpoint(prompts: list[Prompt], workdir: Path) -> tuple[dict, dict
             result["injected"] = sum(proxy.injected.values()) if proxy else 0
             result["kinds"] = dict(proxy.injected) if proxy else {}
             results.append(result)
+            if proxy:
+                proxy.close()
     finally:
         serve.shutdown()
     return results[0], results[1]
@@ -205,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     init_ray(cfg)
     clean = run_pipeline(cfg, make_prompts(n), workdir / "clean.jsonl")
     killed = run_pipeline(cfg, make_prompts(n), workdir / "killed.jsonl", kills=kills)
-    poisoned_cfg = load_config("feedback_edit", [*overrides, f"roles.generator.env={{FESCALE_CHAOS_CRASH_ON: {POISON}}}"])
+    poison_role = faulty_role(cfg.roles.generator.model_dump(), crash_on=POISON)
+    poisoned_cfg = load_config("feedback_edit", [*overrides, f"roles.generator={json.dumps(poison_role)}"])
     poisoned = run_pipeline(poisoned_cfg, make_prompts(n, poison), workdir / "poison.jsonl")
     endpoint_clean, flaky = run_flaky_endpoint(make_prompts(n), workdir)
     ray.shutdown()

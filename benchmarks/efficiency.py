@@ -32,8 +32,9 @@ from typing import Callable
 import psutil
 import ray
 
-from actors.backend import make_backend
-from actors.pool import Pools, plan_pools
+from actors.registry import make_backend
+from engine.placement import plan_pools
+from engine.pools import Pools
 from benchmarks.record import record
 from benchmarks.workload import QUICK, DirectClient, generated_tokens, prompts, run_flat
 from engine.config import FescaleConfig, load_config
@@ -147,7 +148,7 @@ class FescaleSide:
             s = execute(self.cfg, batch, _Discard(), Summary(self.cfg.mode, ""), pools=self.pools, progress=False)
             return {"seconds": s.wall_s, "tokens": s.completion_tokens, "prompts": s.prompts, "failed": s.failed}
 
-        replicas = [r for pool in self.pools.pools.values() for r in pool.replicas]
+        replicas = [r for group in self.pools.replicas.values() for r in group]
         return timed(once, [info["pid"] for info in ray.get([r.ready.remote() for r in replicas])])
 
     def close(self) -> None:

@@ -35,7 +35,7 @@ ROLE=(--set roles.generator.backend=vllm --set roles.generator.num_gpus=1 --set 
 LONGER=(--set generate.max_tokens=512 --set feedback.max_tokens=256 --set edit.max_tokens=512)  # the CPU preset keeps answers short
 
 echo "== 1/3 placement plan on $cluster"
-"$PYTHON" -m engine.cli plan --config feedback_edit "${ROLE[@]}" "${LONGER[@]}" --cluster "$cluster"
+"$PYTHON" -m cli plan --config feedback_edit "${ROLE[@]}" "${LONGER[@]}" --cluster "$cluster"
 
 echo "== 2/3 pipeline efficiency: fescale vs raw vLLM"
 "$PYTHON" -m benchmarks.efficiency --backend vllm --quick "${ROLE[@]}"

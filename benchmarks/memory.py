@@ -30,7 +30,7 @@ from pathlib import Path
 
 import psutil
 
-from actors.pool import plan_pools
+from engine.placement import plan_pools
 from benchmarks.record import record
 from engine.config import load_config
 from engine.summary import format_table
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
 
     workdir = Path(tempfile.mkdtemp(prefix="fescale-memory-"))
     extra = (QUICK if args.quick else []) + [a for kv in args.set for a in ("--set", kv)]
-    command = [sys.executable, "-m", "engine.cli", "run", "--quiet", "--output", str(workdir / "out.jsonl"), *extra]
+    command = [sys.executable, "-m", "cli", "run", "--quiet", "--output", str(workdir / "out.jsonl"), *extra]
     started = time.monotonic()
     with open(workdir / "run.log", "w") as log:
         job = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)

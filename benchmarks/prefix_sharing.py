@@ -23,7 +23,7 @@ import gc
 from dataclasses import replace
 
 from actors.backend import BackendSpec, ChatRequest, Sampling
-from actors.pool import plan_pools
+from engine.placement import plan_pools
 from actors.vllm_backend import VLLMBackend
 from benchmarks.record import record
 from benchmarks.workload import DirectClient, generated_tokens, prompts, run_flat

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import ray
 
-from actors.pool import Pools
+from engine.pools import Pools
 from benchmarks.record import record
 from benchmarks.workload import QUICK, prompts
 from engine.config import FescaleConfig, load_config
@@ -53,7 +53,7 @@ def measure(cfg: FescaleConfig, batch, warmup, multi_node: bool) -> dict:
         init_ray(cfg)
     try:
         with Pools(cfg) as pools, tempfile.TemporaryDirectory(prefix="fescale-scaling-") as out:
-            nodes = sorted({info["node"] for info in ray.get([r.ready.remote() for p in pools.pools.values() for r in p.replicas])})
+            nodes = sorted({info["node"] for info in ray.get([r.ready.remote() for group in pools.replicas.values() for r in group])})
             execute(cfg, warmup, ShardSink(Path(out) / "warmup", "", [], 64, 60.0), Summary(cfg.mode, ""), pools=pools, progress=False)
             sink = ShardSink(Path(out) / "run", cfg.config_hash(), [], 64, 60.0)
             summary = execute(cfg, batch, sink, Summary(cfg.mode, ""), pools=pools, progress=False)

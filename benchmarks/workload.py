@@ -15,14 +15,13 @@ from pathlib import Path
 
 from actors.backend import Backend, ChatRequest, ChatResult, ClassifyRequest, NextTokenRequest, ScoreResult
 from engine.config import FescaleConfig
-from engine.inputs import Prompt, read_prompts
+from engine.inputs import DEMO_PROMPTS, Prompt, read_prompts
 from engine.rows import PromptState
 from engine.runner import new_states
 from engine.steps import Step
 
 # --quick: shorter answers and fewer feedback, same stages (what a benchmark run under 3 minutes does)
 QUICK = ["generate.max_tokens=48", "feedback.plan=2@0.7", "feedback.max_tokens=32", "edit.max_tokens=48"]
-DEMO_PROMPTS = Path(__file__).resolve().parent.parent / "engine" / "data" / "prompts.jsonl"
 
 
 def prompts(count: int, path: str | Path = DEMO_PROMPTS) -> list[Prompt]:

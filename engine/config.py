@@ -1,7 +1,8 @@
 """fescale's config: YAML (+ `key=value` overrides) -> one validated `FescaleConfig`.
 
 Every section is a strict pydantic model: an unknown key, a wrong type or an impossible
-combination raises one `ConfigError` that names the key and says what to change. Method knobs
+combination raises one `ConfigError` that names the key and says what to change (loading and its
+errors are `engine.config_kit`'s, shared with the training, judge and sweep configs). Method knobs
 default to the paper's values; the shipped YAML presets in `configs/` size them for a machine.
 
 Example:
@@ -12,7 +13,6 @@ Example:
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import math
@@ -21,21 +21,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    NonNegativeFloat,
-    NonNegativeInt,
-    PositiveFloat,
-    PositiveInt,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, field_validator, model_validator
 
+from actors.registry import BUILTIN, IMPORT_PATH
 from engine import templates
-from engine.errors import ConfigError
+from engine.config_kit import StrictModel, load, presets, resolve, validate
 from engine.modes import MODES, ModeName
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -43,11 +33,7 @@ ROLES = ("generator", "feedback", "editor", "reward")
 DEFAULT_TEMPERATURE = 0.7  # the paper's sampling temperature whenever more than one sample is drawn
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class EndpointConfig(_Strict):
+class EndpointConfig(StrictModel):
     """An OpenAI-compatible HTTP endpoint (vLLM server, hosted API, fescale's Serve app)."""
 
     base_url: str = Field(description="e.g. http://127.0.0.1:8000/v1")
@@ -57,11 +43,11 @@ class EndpointConfig(_Strict):
     max_concurrency: PositiveInt = 16
 
 
-class RoleConfig(_Strict):
+class RoleConfig(StrictModel):
     """Where and how one role's model runs. Roles with the same model+backend share one pool."""
 
     model: str = Field("embedded", description="'embedded' (SmolLM2), a local HF folder, a .gguf file, or the endpoint's model name")
-    backend: Literal["hf", "vllm", "openai"] = "hf"
+    backend: str = Field("hf", description="hf, vllm, openai, or a 'package.module:Class' Backend subclass (actors.registry)")
     replicas: PositiveInt = 1
     num_gpus: NonNegativeInt = Field(0, description="GPUs per replica; the tensor-parallel size for vllm")
     num_cpus: PositiveFloat = 1.0
@@ -75,6 +61,8 @@ class RoleConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "RoleConfig":
+        if self.backend not in BUILTIN and not IMPORT_PATH.match(self.backend):
+            raise ValueError(f"backend {self.backend!r} is none of {', '.join(BUILTIN)} and not a 'package.module:Class' import path")
         if self.backend == "openai" and self.endpoint is None:
             raise ValueError("backend openai needs `endpoint: {base_url: ...}`")
         if self.backend != "openai" and self.endpoint is not None:
@@ -97,7 +85,7 @@ class RoleConfig(_Strict):
         return self.threads or max(1, math.ceil(self.num_cpus))
 
 
-class Roles(_Strict):
+class Roles(StrictModel):
     """The four roles. feedback, editor and reward default to the generator's model (one shared pool)."""
 
     generator: RoleConfig = Field(default_factory=RoleConfig)
@@ -109,7 +97,7 @@ class Roles(_Strict):
         return getattr(self, role) or self.generator
 
 
-class SamplingConfig(_Strict):
+class SamplingConfig(StrictModel):
     """Sampling of one stage. `temperature: null` means the paper's rule: greedy for one sample, else 0.7."""
 
     temperature: NonNegativeFloat | None = None
@@ -126,7 +114,7 @@ class GenerateConfig(SamplingConfig):
     num_responses: PositiveInt = Field(1, description="N initial responses per prompt")
 
 
-class PlanItem(_Strict):
+class PlanItem(StrictModel):
     count: PositiveInt
     temperature: NonNegativeFloat
 
@@ -134,7 +122,7 @@ class PlanItem(_Strict):
 _PLAN_ITEM = re.compile(r"^\s*(\d+)\s*@\s*([0-9.]+)\s*$")
 
 
-class FeedbackConfig(_Strict):
+class FeedbackConfig(StrictModel):
     """Feedback sampling, filtering/reranking and feedback-set forming."""
 
     plan: list[PlanItem] = Field(
@@ -201,7 +189,7 @@ class EditConfig(SamplingConfig):
     without_feedback_template: str = templates.EDIT_WITHOUT_FEEDBACK
 
 
-class SelectConfig(_Strict):
+class SelectConfig(StrictModel):
     scorer: Literal["logit_judge", "sequence_classification", "generative"] = "logit_judge"
     include_originals: bool = Field(False, description="also score the unedited responses as candidates")
     judge_template: str = templates.JUDGE
@@ -211,7 +199,7 @@ class SelectConfig(_Strict):
     max_tokens: PositiveInt = Field(16, description="answer length of the generative scorer")
 
 
-class PipelineConfig(_Strict):
+class PipelineConfig(StrictModel):
     """How rows stream through Ray Data (throughput only; results do not depend on it)."""
 
     batch_size: PositiveInt = Field(8, description="prompts per Ray Data batch")
@@ -223,8 +211,15 @@ class PipelineConfig(_Strict):
     call_timeout_s: PositiveFloat | None = Field(None, description="a model call running longer counts as a hung replica: it is restarted and the call retried")
 
 
-class ServeCaps(_Strict):
-    """Per-request limits of the Serve app; a request above one gets a 400 that names it."""
+class ServeCaps(StrictModel):
+    """Per-request limits of the Serve app; a request above one gets a 400 that names it.
+
+    They bound how much work one request can make the models do (N x M x K calls of up to
+    max_tokens each), so a single client cannot monopolise the pools. The server's own defaults
+    are the operator's choice and are not capped: a value equal to the server's default passes
+    even when that default is above the cap, so an operator can serve a large default while
+    refusing requests that set their own value above the cap.
+    """
 
     max_responses: PositiveInt = Field(16, description="N, initial responses per request")
     max_feedback_samples: PositiveInt = Field(64, description="M, feedback sampled per response")
@@ -233,7 +228,7 @@ class ServeCaps(_Strict):
     max_tokens: PositiveInt = Field(4096, description="the generator's max_tokens")
 
 
-class ServeConfig(_Strict):
+class ServeConfig(StrictModel):
     """The Ray Serve app (`fescale serve`): HTTP, backpressure, replicas, auth and per-request caps."""
 
     host: str = "127.0.0.1"
@@ -251,7 +246,7 @@ class ServeConfig(_Strict):
     caps: ServeCaps = Field(default_factory=ServeCaps)
 
 
-class FescaleConfig(_Strict):
+class FescaleConfig(StrictModel):
     mode: ModeName = "feedback_edit"
     seed: int = 0
     roles: Roles = Field(default_factory=Roles)
@@ -320,90 +315,22 @@ class FescaleConfig(_Strict):
         return yaml.safe_dump(data, sort_keys=False, width=100)
 
 
-# -- loading ------------------------------------------------------------------------------------
+# -- loading: the config kit, with the presets in configs/ ------------------------------------------
 
 
 def available_configs() -> list[str]:
-    return sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml"))
+    return presets(CONFIGS_DIR)
 
 
 def resolve_config_path(name_or_path: str | Path) -> Path:
-    path = Path(name_or_path)
-    if path.is_file():
-        return path
-    preset = CONFIGS_DIR / f"{name_or_path}.yaml"
-    if preset.is_file():
-        return preset
-    raise ConfigError(
-        f"config {str(name_or_path)!r} is neither a file nor a preset; presets: {', '.join(available_configs())}"
-    )
+    return resolve(name_or_path, CONFIGS_DIR, what="config")
 
 
-def apply_override(data: dict, override: str) -> None:
-    """Apply one `a.b.c=value` override; the value is parsed as YAML (`4`, `true`, `[1, 2]`, `16@0.7`)."""
-    if "=" not in override:
-        raise ConfigError(f"override {override!r} is not KEY=VALUE (e.g. generate.num_responses=4)")
-    key, raw = override.split("=", 1)
-    parts = key.strip().split(".")
-    node = data
-    for part in parts[:-1]:
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            raise ConfigError(f"override {override!r}: `{part}` is not a section")
-        node = child
-    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
-
-
-def load_config(name_or_path: str | Path | None = "feedback_edit", overrides: list[str] | None = None) -> FescaleConfig:
-    """Load a preset name or YAML path (None: defaults only), apply overrides, validate."""
-    data: dict[str, Any] = {}
-    source = "defaults"
-    if name_or_path is not None:
-        path = resolve_config_path(name_or_path)
-        source = str(path)
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from e
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    for override in overrides or []:
-        apply_override(data, override)
-    return build_config(data, source)
+def load_config(name_or_path: str | Path | dict | None = "feedback_edit", overrides: list[str] | None = None) -> FescaleConfig:
+    """Load a preset name, a YAML path or a mapping (None: defaults only), apply overrides, validate."""
+    return load(FescaleConfig, name_or_path, overrides or (), what="config", presets_dir=CONFIGS_DIR)
 
 
 def build_config(data: dict[str, Any], source: str = "config") -> FescaleConfig:
-    try:
-        return FescaleConfig.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(format_validation_error(e, source)) from None
-
-
-def format_validation_error(e: ValidationError, source: str, root: type[BaseModel] | None = None) -> str:
-    lines = []
-    for err in e.errors():
-        loc = ".".join(str(p) for p in err["loc"])
-        if err["type"] == "extra_forbidden":
-            parent_loc, name = err["loc"][:-1], str(err["loc"][-1])
-            hint = _suggest(parent_loc, name, root or FescaleConfig)
-            lines.append(f"unknown key `{loc}`{hint}")
-        else:
-            msg = err["msg"].removeprefix("Value error, ")
-            value = err.get("input")
-            shown = "" if isinstance(value, dict) or value is None else f" (got {value!r})"
-            lines.append(f"`{loc}`: {msg}{shown}" if loc else msg)
-    return f"invalid {'training ' if root else ''}config ({source}):\n  " + "\n  ".join(lines)
-
-
-def _suggest(parent_loc: tuple, name: str, root: type[BaseModel]) -> str:
-    model: type[BaseModel] | None = root
-    for part in parent_loc:
-        field = model.model_fields.get(str(part)) if model else None
-        ann = field.annotation if field else None
-        model = next((a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
-    if model is None:
-        return ""
-    close = difflib.get_close_matches(name, list(model.model_fields), n=1)
-    return f"; did you mean `{close[0]}`?" if close else f"; valid keys: {', '.join(model.model_fields)}"
+    """Validate a mapping already in hand (e.g. a per-request config); `source` names it in errors."""
+    return validate(FescaleConfig, data, what="config", source=source)

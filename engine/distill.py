@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import IO, Callable
 
-from engine.errors import ConfigError
+from actors.errors import ConfigError
 from engine.inputs import InputErrorRow
 from engine.rows import PromptState
 from engine.sinks import write_lines
@@ -70,8 +70,6 @@ class ShardSink:
         _atomic_write(self.dir / "data" / f"{name}.jsonl", [s.output_row() for s in ok])
         _atomic_write(self.dir / "sft" / f"{name}.jsonl", [s.sft_row() for s in ok])
         _atomic_write(self.dir / "errors" / f"{name}.jsonl", [s.error_row() for s in failed])
-        if os.environ.get("FESCALE_CHAOS_EXIT_BEFORE_MANIFEST") == name:
-            os._exit(1)  # fault injection (chaos tests): the process dies between a shard's rename and its manifest line
         _append(self.manifest, {"kind": "shard", "shard": name, "ids": [s.id for s in ok], "failed": [s.id for s in failed]})
         self.done_ids.update(s.id for s in states)
         self.next_shard += 1

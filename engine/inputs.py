@@ -18,7 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from engine.errors import InputError
+from actors.errors import InputError
+
+DEMO_PROMPTS = Path(__file__).resolve().parent / "data" / "prompts.jsonl"  # the bundled prompts `fescale run` answers
 
 ROLES = {"system", "user", "assistant"}
 

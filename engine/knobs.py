@@ -8,7 +8,7 @@ goes through the same validation as a YAML config, then through the server's cap
 from __future__ import annotations
 
 from engine.config import FescaleConfig, PlanItem, build_config
-from engine.errors import ConfigError, RequestError
+from actors.errors import ConfigError, RequestError
 from engine.modes import MODES
 from engine.openai_protocol import ChatCompletionRequest
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from actors.models import EMBEDDED, resolve_model
 from engine.config import CONFIGS_DIR
-from engine.errors import ConfigError
+from actors.errors import ConfigError
 
 SHIPPED_FACTS = CONFIGS_DIR / "models"
 GB = 1e9

@@ -2,8 +2,8 @@
 
 Requests are parsed strictly where a mistake would change the answer (roles, empty content, knobs,
 `n`) and leniently elsewhere: fields an OpenAI client may send that fescale does not use (`user`,
-`stop`, ...) are ignored, as vLLM's server does. Every error body has OpenAI's shape, so clients
-raise their usual exceptions (`openai.BadRequestError`, `AuthenticationError`, ...).
+`stop`, ...) are ignored, as vLLM's server does. Every error body has OpenAI's shape
+(`error_response`, the one place an exception becomes an HTTP status).
 """
 
 from __future__ import annotations
@@ -15,22 +15,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError, field_validator, model_validator
 
+from actors.errors import FescaleError, RequestError
 from engine.modes import ModeName
 from engine.rows import PromptState
-
-
-class APIError(Exception):
-    """An HTTP error with OpenAI's error body (`{"error": {message, type, param, code}}`)."""
-
-    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 503: "service_unavailable"}
-
-    def __init__(self, status: int, message: str, *, code: str | None = None, param: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.code, self.param = status, message, code, param
-
-    def body(self) -> dict:
-        kind = self.TYPES.get(self.status, "server_error" if self.status >= 500 else "invalid_request_error")
-        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
 
 class _Lenient(BaseModel):
@@ -115,13 +102,13 @@ class ChatCompletionRequest(_Lenient):
 
 
 def parse_request(body: bytes) -> ChatCompletionRequest:
-    """The request body, or an `APIError` 400 that says what is wrong and where."""
+    """The request body, or a `RequestError` (400) that says what is wrong and where."""
     try:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
+        raise RequestError(f"request body is not valid JSON: {e}", code="invalid_json") from None
     if not isinstance(data, dict):
-        raise APIError(400, "request body must be a JSON object", code="invalid_json")
+        raise RequestError("request body must be a JSON object", code="invalid_json")
     try:
         return ChatCompletionRequest.model_validate(data)
     except ValidationError as e:
@@ -132,7 +119,21 @@ def parse_request(body: bytes) -> ChatCompletionRequest:
             message = f"unknown knob; valid: {', '.join(FescaleKnobs.model_fields)}"
         elif err["type"] == "missing":
             message = "is required"
-        raise APIError(400, f"{param}: {message}" if param else message, code="invalid_request", param=param) from None
+        raise RequestError(f"{param}: {message}" if param else message, param=param) from None
+
+
+def error_response(error: BaseException, request_id: str) -> tuple[int, dict]:
+    """The one exception -> HTTP mapping: (status, OpenAI error body).
+
+    A fescale error answers with its own class's status, type and code (`actors.errors`), so a
+    client's SDK raises its usual exception (`openai.BadRequestError`, `AuthenticationError`, ...).
+    Anything else is an internal fault: the body says only that, with the request id that finds the
+    details in the server log."""
+    if isinstance(error, FescaleError):
+        status, kind, code, message = error.status, error.type, error.code, str(error)
+    else:
+        status, kind, code, message = 500, "server_error", "internal_error", f"internal error (request id {request_id})"
+    return status, {"error": {"message": message, "type": kind, "param": getattr(error, "param", None), "code": code}}
 
 
 def usage_body(state: PromptState) -> dict:

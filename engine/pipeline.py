@@ -19,16 +19,13 @@ import math
 import numpy as np
 import ray
 
+from actors.errors import PromptError
 from engine.config import PipelineConfig
-from engine.errors import RequestError
 from engine.rows import PromptState, RowError
 from engine.steps import Step
 
-MAX_STAGES = 4  # generate, feedback (+ filter), edit, select
-
-
 class StageActor:
-    """Runs a stage's steps over a batch of rows; a prompt that fails with a RequestError carries its error on."""
+    """Runs a stage's steps over a batch of rows; a prompt that fails with a PromptError carries its error on."""
 
     def __init__(self, steps: list[Step]):
         self.steps = steps
@@ -44,7 +41,7 @@ class StageActor:
                 return
             try:
                 await step.run(state)
-            except RequestError as e:
+            except PromptError as e:
                 state.error = RowError(stage=step.name, message=str(e))
 
 

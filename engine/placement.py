@@ -1,4 +1,5 @@
-"""Where each model replica runs: its placement-group bundles, computed from the role config.
+"""The pool plan: which pools a config needs (roles sharing a model share one), what each replica
+serves (`BackendSpec`) and where it runs (its placement-group bundles), from the config alone.
 
 One STRICT_PACK placement group per replica (all of a replica's GPUs on one node); nothing else in
 fescale creates placement groups. Layouts:
@@ -12,14 +13,18 @@ fescale creates placement groups. Layouts:
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
+from typing import Iterable
 
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from engine.config import RoleConfig
-from engine.errors import ConfigError
+from actors.backend import BackendSpec
+from actors.models import resolve_model
+from engine.config import FescaleConfig, RoleConfig
+from actors.errors import ConfigError
 
 log = logging.getLogger("fescale")
 
@@ -85,3 +90,70 @@ def actor_options(placement: ReplicaPlacement, pg: PlacementGroup | None) -> dic
             placement_group=pg, placement_group_bundle_index=0, placement_group_capture_child_tasks=True
         )
     return options
+
+
+PoolKey = tuple
+
+
+def pool_key(cfg: FescaleConfig, role_name: str, role: RoleConfig) -> PoolKey:
+    """What makes two roles one pool: same backend, model, model kind and endpoint."""
+    return (role.backend, role.model, cfg.role_kind(role_name), role.endpoint.base_url if role.endpoint else None)
+
+
+@dataclass
+class PoolLayout:
+    """One pool as planned: the roles it serves, what each replica loads and where it is placed."""
+
+    key: PoolKey
+    name: str
+    role: RoleConfig
+    spec: BackendSpec
+    placement: ReplicaPlacement
+    roles: list[str]
+
+
+def plan_pools(cfg: FescaleConfig, modes: Iterable[str] | None = None) -> dict[str, PoolLayout]:
+    """One pool per distinct `pool_key` among the roles the modes (default: the config's) call, by name."""
+    pools: dict[PoolKey, PoolLayout] = {}
+    roles = [(name, role) for mode in (modes or [cfg.mode]) for name, role in cfg.active_roles(mode).items()]
+    for role_name, role in roles:
+        kind = cfg.role_kind(role_name)
+        key = pool_key(cfg, role_name, role)
+        if key in pools:
+            pool = pools[key]
+            if pool.role != role:
+                other = pool.roles[0]
+                diff = [k for k in RoleConfig.model_fields if getattr(pool.role, k) != getattr(role, k)]
+                raise ConfigError(
+                    f"roles.{role_name} and roles.{other} share model {role.model!r} on backend {role.backend} "
+                    f"(one pool) but differ in {', '.join(diff)}; give them the same settings"
+                )
+            if role_name not in pool.roles:
+                pool.roles.append(role_name)
+            continue
+        placement = plan_replica(role)
+        name = f"{role.backend}:{os.path.basename(role.model.rstrip('/'))}" + (":classifier" if kind == "classifier" else "")
+        if any(p.name == name for p in pools.values()):  # same folder name, different paths
+            name += f"#{len(pools)}"
+        spec = BackendSpec(
+            backend=role.backend,
+            model=role.model,
+            kind=kind,
+            seed=cfg.seed,
+            num_gpus=role.num_gpus,
+            threads=role.torch_threads,
+            batch_size=role.batch_size,
+            max_model_len=role.max_model_len,
+            engine_kwargs=role.engine_kwargs,
+            endpoint=role.endpoint.model_dump() if role.endpoint else None,
+            executor_backend=placement.executor_backend,
+        )
+        pools[key] = PoolLayout(key=key, name=name, role=role, spec=spec, placement=placement, roles=[role_name])
+    return {p.name: p for p in pools.values()}
+
+
+def check_models(cfg: FescaleConfig, modes: Iterable[str] | None = None, pools: Iterable[PoolLayout] | None = None) -> None:
+    """A `ConfigError` naming the key of the first local model path that does not exist."""
+    for pool in pools if pools is not None else plan_pools(cfg, modes).values():
+        if pool.role.backend != "openai":
+            resolve_model(pool.role.model, key=f"roles.{pool.roles[0]}.model")

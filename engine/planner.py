@@ -33,16 +33,15 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable
+from typing import Iterable
 
 from actors.vllm_backend import engine_args
 from engine.config import CONFIGS_DIR, FescaleConfig, load_config
-from engine.errors import ConfigError
+from engine.placement import PoolLayout, plan_pools
+from actors.errors import ConfigError
+from engine.modes import MAX_STAGES
 from engine.model_memory import GB, ModelFacts, dtype_bytes, load_facts
 from engine.summary import format_table
-
-if TYPE_CHECKING:
-    from actors.pool import Pool
 
 log = logging.getLogger("fescale")
 REPO = CONFIGS_DIR.parent
@@ -203,7 +202,7 @@ class ClusterPlan:
 
 
 def plan_cluster(
-    cfg: FescaleConfig, pools: Iterable[Pool], cluster: ClusterSpec, stage_actors: int = 0, need_facts: bool = True
+    cfg: FescaleConfig, pools: Iterable[PoolLayout], cluster: ClusterSpec, stage_actors: int = 0, need_facts: bool = True
 ) -> ClusterPlan:
     """Size every pool for the cluster's GPUs, pack the replicas' groups (and `stage_actors` Ray Data
     actors) onto its nodes, and collect every problem with what to change. Without `need_facts`, a
@@ -235,7 +234,7 @@ def plan_cluster(
     return ClusterPlan(cluster, plans, nodes, problems)
 
 
-def check_cluster(cfg: FescaleConfig, pools: Iterable[Pool]) -> None:
+def check_cluster(cfg: FescaleConfig, pools: Iterable[PoolLayout]) -> None:
     """The engine's check before it reserves anything: a `ConfigError` listing why the pools cannot
     run on the live Ray cluster (no node big enough for a replica, not enough nodes, a TP size the
     model's heads do not split into)."""
@@ -247,8 +246,6 @@ def check_cluster(cfg: FescaleConfig, pools: Iterable[Pool]) -> None:
 
 def plan_command(config: str, overrides: list[str], cluster_text: str) -> int:
     """`fescale plan`: print the plan; a `ConfigError` (exit 2) when the config does not fit."""
-    from actors.pool import plan_pools
-    from engine.pipeline import MAX_STAGES  # (engine.pipeline imports the pools, which import this module)
 
     cfg = load_config(config, overrides)
     cluster = parse_cluster(cluster_text)
@@ -271,7 +268,7 @@ def _gpu_memory(cluster: ClusterSpec) -> float | None:
     return min(known) if known and None not in known else None
 
 
-def _plan_pool(pool: Pool, gpu_memory_gb: float | None, need_facts: bool) -> PoolPlan:
+def _plan_pool(pool: PoolLayout, gpu_memory_gb: float | None, need_facts: bool) -> PoolPlan:
     role, key = pool.role, f"roles.{pool.roles[0]}"
     tp = max(1, role.num_gpus)
     facts = memory = None
@@ -287,7 +284,7 @@ def _plan_pool(pool: Pool, gpu_memory_gb: float | None, need_facts: bool) -> Poo
     return PoolPlan(pool.name, pool.roles, key, role.backend, role.replicas, tp, pool.placement.bundles, facts, memory)
 
 
-def _memory(pool: Pool, facts: ModelFacts, key: str, gpu_memory_gb: float | None) -> Memory:
+def _memory(pool: PoolLayout, facts: ModelFacts, key: str, gpu_memory_gb: float | None) -> Memory:
     """The engine's own settings decide: vLLM's engine arguments as fescale builds them, or HF's
     `from_pretrained` dtype (float32 on CPU, else the checkpoint's)."""
     role = pool.role

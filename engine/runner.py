@@ -8,41 +8,31 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
-import os
 from typing import Callable
 
 import ray
 from tqdm import tqdm
 
+from actors.errors import unwrap_ray_error
+from engine.cluster import connect
 from engine.config import FescaleConfig
-from engine.errors import FescaleError
 from engine.inputs import Prompt
-from engine.pipeline import MAX_STAGES, build_pipeline, to_dataset
-from engine.placement import reserved_resources
+from engine.modes import MAX_STAGES
+from engine.pipeline import build_pipeline, to_dataset
+from engine.placement import plan_pools, reserved_resources
+from engine.pools import Pools
 from engine.rows import Message, PromptState
 from engine.sinks import Sink
 from engine.steps import build_steps
 from engine.summary import Summary
-from actors.pool import Pools, plan_pools
 
 log = logging.getLogger("fescale")
 
 
 def init_ray(cfg: FescaleConfig, address: str | None = None, *, serving: bool = False, metrics_port: int | None = None) -> None:
-    """Connect to a cluster (--address, e.g. `auto`, or RAY_ADDRESS as set by `ray job submit`), else
-    start a fresh local one (even when a `ray start` cluster runs on this machine; `--address auto` joins it).
-
-    A local cluster gets enough logical CPUs for the replicas' reservations plus the light stage
-    actors (or, `serving`, the pools of every served mode plus the Serve ingress replicas), so nothing
-    waits for CPUs a model replica holds (the replicas' torch/OpenMP threads, not the logical count,
-    decide how the physical cores are used). `metrics_port` fixes where Prometheus scrapes Ray's metrics.
-    """
-    if ray.is_initialized():
-        return
-    if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address, logging_level=logging.WARNING)
-        return
+    """Connect to Ray (`engine.cluster.connect`); a local cluster is sized for the replicas'
+    reservations plus the light stage actors (or, `serving`, the pools of every served mode plus
+    the Serve ingress replicas)."""
     modes = cfg.served_modes() if serving else None
     replicas_cpus = reserved_resources([p.role for p in plan_pools(cfg, modes).values()]).get("CPU", 0.0)
     if serving:
@@ -50,15 +40,7 @@ def init_ray(cfg: FescaleConfig, address: str | None = None, *, serving: bool = 
         others = s.num_cpus * int((s.autoscaling or {}).get("max_replicas", s.num_replicas))
     else:
         others = MAX_STAGES * cfg.pipeline.stage_actors * cfg.pipeline.stage_num_cpus
-    num_cpus = max(os.cpu_count() or 1, math.ceil(replicas_cpus + others + 1))
-    ray.init(
-        address="local",
-        num_cpus=num_cpus,
-        logging_level=logging.WARNING,
-        include_dashboard=False,
-        _metrics_export_port=metrics_port,
-    )
-    log.info("started a local Ray cluster with %d logical CPUs (%g reserved by model replicas)", num_cpus, replicas_cpus)
+    connect(address, replicas_cpus + others, metrics_port=metrics_port)
 
 
 def _surface_fescale_errors(batches):
@@ -67,14 +49,9 @@ def _surface_fescale_errors(batches):
     try:
         yield from batches
     except Exception as e:
-        seen, error = set(), e
-        while error is not None and id(error) not in seen:
-            seen.add(id(error))
-            if isinstance(error, ray.exceptions.RayTaskError) and isinstance(error.cause, FescaleError):
-                raise error.cause from None
-            if isinstance(error, FescaleError) and not isinstance(error, ray.exceptions.RayTaskError):
-                raise error from None
-            error = error.__cause__ or error.__context__
+        own = unwrap_ray_error(e)
+        if own is not None:
+            raise own from None
         raise
 
 

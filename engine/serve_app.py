@@ -1,7 +1,7 @@
 """The Ray Serve app: an OpenAI-compatible front of the Feedback-Edit system, for live traffic.
 
 Two deployments share the work. `FescalePools` (one replica) starts the role pools of every served
-mode, the same `actors.pool.Pools` the batch engine uses, and hands out their picklable clients.
+mode, the same `engine.pools.Pools` the batch engine uses, and hands out their picklable clients.
 `FescaleAPI` (the FastAPI ingress; replicas or autoscaling from `serve:`) turns each chat request into
 a per-request config (`engine.knobs`) and runs the same `engine.steps` as the batch pipeline against
 those shared pools, so concurrent requests are batched together by the model replicas.
@@ -14,7 +14,6 @@ Backpressure is Serve's own: `serve.max_ongoing_requests` per ingress replica, t
 
 from __future__ import annotations
 
-import copy
 import hmac
 import logging
 import os
@@ -27,11 +26,11 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from actors.pool import PoolClients, Pools
-from engine.config import FescaleConfig, apply_override, build_config, load_config
-from engine.errors import ConfigError, RequestError
+from engine.pools import PoolClients, Pools
+from engine.config import FescaleConfig, build_config, load_config
+from actors.errors import AuthError, ConfigError, NotFoundError
 from engine.knobs import request_config
-from engine.openai_protocol import APIError, ChatCompletionRequest, Completion, parse_request
+from engine.openai_protocol import ChatCompletionRequest, Completion, error_response, parse_request
 from engine.rows import Message, PromptState
 from engine.serve_metrics import ServeMetrics
 from engine.steps import build_steps, run_steps
@@ -85,7 +84,7 @@ class FescaleAPI:
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not any(hmac.compare_digest(token.strip(), k) for k in self.api_keys):
-            raise APIError(401, "missing or invalid API key: send `Authorization: Bearer <key>`", code="invalid_api_key")
+            raise AuthError("missing or invalid API key: send `Authorization: Bearer <key>`")
 
     @api.get("/health")
     async def health(self) -> JSONResponse:
@@ -98,8 +97,8 @@ class FescaleAPI:
     async def models(self, request: Request) -> JSONResponse:
         try:
             self.authorize(request)
-        except APIError as e:
-            return JSONResponse(e.body(), status_code=e.status)
+        except AuthError as e:
+            return _error(e)
         model = {"id": self.cfg.serve.model_name, "object": "model", "created": 0, "owned_by": "fescale"}
         return JSONResponse({"object": "list", "data": [model]})
 
@@ -113,7 +112,7 @@ class FescaleAPI:
             self.authorize(request)
             req = parse_request(await request.body())
             if req.model not in (None, self.cfg.serve.model_name):
-                raise APIError(404, f"model {req.model!r} does not exist; this server serves {self.cfg.serve.model_name!r}", code="model_not_found", param="model")
+                raise NotFoundError(f"model {req.model!r} does not exist; this server serves {self.cfg.serve.model_name!r}")
             state = await self.answer(req)
             mode = state.mode
             completion = Completion(self.cfg.serve.model_name, state, req.fescale.return_trace)
@@ -121,13 +120,10 @@ class FescaleAPI:
                 include_usage = bool(req.stream_options and req.stream_options.include_usage)
                 return StreamingResponse(iter(completion.chunks(include_usage)), media_type="text/event-stream")
             return JSONResponse(completion.body())
-        except APIError as e:
-            status = e.status
-            return JSONResponse(e.body(), status_code=e.status)
-        except Exception as e:  # a backend failure fails this request only
-            status = 500
-            log.exception("request failed")
-            return JSONResponse(APIError(500, f"{type(e).__name__}: {e}", code="backend_error").body(), status_code=500)
+        except Exception as e:  # any failure fails this request only
+            response = _error(e)
+            status = response.status_code
+            return response
         finally:
             self.ongoing -= 1
             self.metrics.ongoing.set(self.ongoing)
@@ -135,16 +131,21 @@ class FescaleAPI:
 
     async def answer(self, req: ChatCompletionRequest) -> PromptState:
         """Run the request's config through the method steps on the shared pools."""
-        try:
-            cfg = request_config(self.cfg, req)
-            steps = build_steps(cfg, (await self.clients()).for_config(cfg))
-            state = PromptState(
-                id=uuid.uuid4().hex, messages=[Message(**m) for m in req.conversation()], mode=cfg.mode, config_hash=cfg.config_hash()
-            )
-            return await run_steps(steps, state, on_step=self.metrics.stage)
-        except RequestError as e:
-            code = "context_length_exceeded" if "context" in str(e) else "invalid_request"
-            raise APIError(400, str(e), code=code) from None
+        cfg = request_config(self.cfg, req)
+        steps = build_steps(cfg, (await self.clients()).for_config(cfg))
+        state = PromptState(
+            id=uuid.uuid4().hex, messages=[Message(**m) for m in req.conversation()], mode=cfg.mode, config_hash=cfg.config_hash()
+        )
+        return await run_steps(steps, state, on_step=self.metrics.stage)
+
+
+def _error(error: Exception) -> JSONResponse:
+    """The error's response (`error_response`); a 5xx is logged here with its request id."""
+    request_id = uuid.uuid4().hex
+    status, body = error_response(error, request_id)
+    if status >= 500:
+        log.error("request %s failed: %s", request_id, error, exc_info=error)
+    return JSONResponse(body, status_code=status)
 
 
 def fescale_app(cfg: FescaleConfig) -> serve.Application:
@@ -202,11 +203,4 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     unknown = set(args) - {"config", "overrides"}
     if unknown:
         raise ConfigError(f"unknown Serve app args {sorted(unknown)}; valid: config, overrides")
-    if isinstance(config, dict):
-        data = copy.deepcopy(config)
-        for override in overrides:
-            apply_override(data, override)
-        cfg = build_config(data, "serve config file")
-    else:
-        cfg = load_config(config, overrides)
-    return fescale_app(cfg)
+    return fescale_app(load_config(config, overrides))

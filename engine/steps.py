@@ -1,9 +1,9 @@
 """The method's steps as async functions of one prompt's state: the code every entry point shares.
 
-A step reads and extends a `PromptState` and calls its role's pool through a `PoolClient`. The
-batch pipeline runs each step as a Ray Data stage over many prompts at once (the pools batch the
-calls); the Serve app runs the same steps for one request. `build_steps` is the plan: config ->
-the ordered steps the mode needs.
+A step reads and extends a `PromptState` and calls its role's model through a `ModelClient` (a
+pool's client, or a backend in-process). The batch pipeline runs each step as a Ray Data stage over
+many prompts at once (the pools batch the calls); the Serve app runs the same steps for one request.
+`build_steps` is the plan: config -> the ordered steps the mode needs.
 """
 
 from __future__ import annotations
@@ -13,8 +13,7 @@ import time
 from collections import Counter
 from typing import Callable
 
-from actors.backend import ChatRequest, ClassifyRequest, NextTokenRequest, Sampling
-from actors.pool import PoolClient
+from actors.backend import ChatRequest, ClassifyRequest, ModelClient, NextTokenRequest, Sampling
 from engine import method
 from engine.config import EditConfig, FeedbackConfig, FescaleConfig, GenerateConfig, SelectConfig
 from engine.rows import Candidate, Edit, Feedback, PromptState, Selected
@@ -35,7 +34,7 @@ class Generate(Step):
 
     name = "generate"
 
-    def __init__(self, cfg: GenerateConfig, client: PoolClient):
+    def __init__(self, cfg: GenerateConfig, client: ModelClient):
         self.cfg, self.client = cfg, client
 
     async def run(self, state: PromptState) -> None:
@@ -51,7 +50,7 @@ class FeedbackStep(Step):
 
     name = "feedback"
 
-    def __init__(self, cfg: FeedbackConfig, client: PoolClient, seed: int):
+    def __init__(self, cfg: FeedbackConfig, client: ModelClient, seed: int):
         self.cfg, self.client, self.seed = cfg, client, seed
 
     async def run(self, state: PromptState) -> None:
@@ -112,7 +111,7 @@ class EditStep(Step):
 
     name = "edit"
 
-    def __init__(self, cfg: EditConfig, client: PoolClient, with_feedback: bool):
+    def __init__(self, cfg: EditConfig, client: ModelClient, with_feedback: bool):
         self.cfg, self.client, self.with_feedback = cfg, client, with_feedback
 
     async def run(self, state: PromptState) -> None:
@@ -145,7 +144,7 @@ class SelectStep(Step):
 
     name = "select"
 
-    def __init__(self, cfg: SelectConfig, client: PoolClient | None):
+    def __init__(self, cfg: SelectConfig, client: ModelClient | None):
         self.cfg, self.client = cfg, client
 
     async def run(self, state: PromptState) -> None:
@@ -204,7 +203,7 @@ class SelectStep(Step):
         return survived
 
 
-def build_steps(cfg: FescaleConfig, client_for: Callable[[str], PoolClient]) -> list[Step]:
+def build_steps(cfg: FescaleConfig, client_for: Callable[[str], ModelClient]) -> list[Step]:
     """The ordered steps of the config's mode (generate -> feedback -> filter -> edit -> select)."""
     spec = cfg.spec
     steps: list[Step] = [Generate(cfg.generate, client_for("generator"))]

@@ -3,15 +3,16 @@
 A hosted API's 5xx, 429, malformed bodies and hangs cannot be produced on demand here, so tests that
 need them script the answers: `respond(body)` gets each POST's JSON body and returns
 (status, body, headers, delay_s), or None to hang (the request is held and never answered).
+The serving itself is `benchmarks.http_stub`, shared with the chaos benchmark's flaky proxy.
 """
 
 from __future__ import annotations
 
 import json
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
+
+from benchmarks.http_stub import Answer, HttpStub
 
 Reply = tuple[int, "dict | str", dict, float]
 
@@ -21,36 +22,20 @@ class ScriptedServer:
 
     def __init__(self, respond: Callable[[dict], Reply | None]):
         self.requests: list[dict] = []
-        outer = self
+        self._respond = respond
+        self._stub = HttpStub(self._handle)
+        self.url = self._stub.url
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                outer.requests.append(body)
-                reply = respond(body)
-                if reply is None:
-                    time.sleep(outer.HANG_S)
-                    return
-                status, payload, headers, delay = reply
-                time.sleep(delay)
-                data = payload.encode() if isinstance(payload, str) else json.dumps(payload).encode()
-                try:
-                    self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(data)))
-                    for k, v in headers.items():
-                        self.send_header(k, v)
-                    self.end_headers()
-                    self.wfile.write(data)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/v1"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+    def _handle(self, path: str, raw: bytes) -> Answer | None:
+        body = json.loads(raw)
+        self.requests.append(body)
+        reply = self._respond(body)
+        if reply is None:
+            time.sleep(self.HANG_S)
+            return None
+        status, payload, headers, delay = reply
+        time.sleep(delay)
+        return status, payload.encode() if isinstance(payload, str) else json.dumps(payload).encode(), headers
 
     def close(self):
-        self.server.shutdown()
+        self._stub.close()

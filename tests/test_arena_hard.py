@@ -15,10 +15,10 @@ from threadpoolctl import threadpool_limits
 from arena_hard_reference import show_result_v01, show_result_v20
 from benchmarks.arena_hard.formats import Answer, Game, ITSCost, Judgment, Question, read_answers, read_judgments, read_questions
 from benchmarks.arena_hard.judge import parse_verdict
-from benchmarks.arena_hard.score import leaderboard_json, score_dir, score_v01, score_v20
+from benchmarks.arena_hard.score import leaderboard_json, score_dir, score_judgments
 from conftest import SHARED
-from engine.cli import main
-from engine.errors import InputError
+from cli.main import main
+from actors.errors import InputError
 
 ARENA = SHARED / "arena-hard-v0.1"
 JUDGE_DIR = ARENA / "model_judgment" / "gpt-4-1106-preview"
@@ -38,7 +38,7 @@ def test_bt_weights_and_ties_by_hand():
     q1: game 1 A>>B (baseline wins, x3), game 2 A>B (positions swapped: the model wins, x1);
     q2: A=B (half each), B>A in game 2 (the baseline wins). Model: 1 + 0.5 of 6 battles = 25%.
     """
-    scores = {s.model: s for s in score_v01([judgment("q1", "m", "A>>B", "A>B"), judgment("q2", "m", "A=B", "B>A")], "base")}
+    scores = {s.model: s for s in score_judgments([judgment("q1", "m", "A>>B", "A>B"), judgment("q2", "m", "A=B", "B>A")], "base")}
     assert scores["m"].score == pytest.approx(25.0, abs=0.01)
     assert scores["m"].battles == 6
     assert (scores["base"].score, scores["base"].ci_low, scores["base"].ci_high) == (50.0, 50.0, 50.0)
@@ -48,27 +48,27 @@ def test_bt_two_models_strong_verdicts_count_three_times():
     """m1: game 1 B>>A (m1 wins x3), game 2 B>A (positions swapped: the baseline wins x1) -> 3/4 = 75%.
     m2: game 1 A=B (a tie); game 2 `B=A` is not a v0.1 label (no battle) -> one tie -> 50%."""
     js = [judgment("q1", "m1", "B>>A", "B>A"), judgment("q1", "m2", "A=B", "B=A")]
-    scores = {s.model: s for s in score_v01(js, "base", rounds=20)}
+    scores = {s.model: s for s in score_judgments(js, "base", rounds=20)}
     assert scores["m1"].score == pytest.approx(75.0, abs=0.01)
     assert scores["m2"].score == pytest.approx(50.0, abs=0.01)
     assert scores["m2"].battles == 1
-    assert [s.model for s in score_v01(js, "base", rounds=5)][0] == "m1"
+    assert [s.model for s in score_judgments(js, "base", rounds=5)][0] == "m1"
 
 
 def test_bt_model_that_always_wins_and_missing_verdicts():
     """A model that wins every battle has no finite rating: its win rate is ~100%, CI included.
     A game without a verdict is no battle; the other game of its question still counts."""
     js = [judgment(f"q{i}", "champ", "B>>A", "A>B") for i in range(5)] + [judgment("q9", "m", None, "A>B")]
-    scores = {s.model: s for s in score_v01(js, "base", rounds=10)}
+    scores = {s.model: s for s in score_judgments(js, "base", rounds=10)}
     assert scores["champ"].score > 99.9 and scores["champ"].ci_low > 99.9
     assert scores["m"].battles == 1 and scores["m"].score > 99.9
 
 
 def test_bootstrap_is_deterministic_and_seeded():
     js = [judgment(f"q{i}", "m", ["A>B", "B>A", "A=B", "B>>A"][i % 4], ["B>A", "A>B", "A>>B", "A=B"][i % 3]) for i in range(40)]
-    a, b = score_v01(js, "base", rounds=30), score_v01(js, "base", rounds=30)
+    a, b = score_judgments(js, "base", rounds=30), score_judgments(js, "base", rounds=30)
     assert a == b
-    other = score_v01(js, "base", rounds=30, seed=7)
+    other = score_judgments(js, "base", rounds=30, seed=7)
     assert [s.score for s in other] == [s.score for s in a]  # the point estimate does not depend on the seed
     m = next(s for s in a if s.model == "m")
     assert m.ci_low < m.score < m.ci_high
@@ -84,7 +84,7 @@ def test_v20_mean_scores_by_hand():
         Judgment("u1", "t", "judge", (Game("A=B"), Game("B=A")), "v2.0", "hard_prompt", "base"),
         Judgment("u1", "other", "judge", (Game("A>B"), Game("A>B")), "v2.0", "creative_writing", "base"),
     ]
-    scores = {s.model: s for s in score_v20(js, "base", "hard_prompt", rounds=10)}
+    scores = {s.model: s for s in score_judgments(js, "base", "hard_prompt", rounds=10)}
     assert set(scores) == {"m", "t", "base"}
     assert (scores["m"].score, scores["m"].ci_low, scores["m"].ci_high, scores["m"].battles) == (100.0, 100.0, 100.0, 4)
     assert scores["t"].score == 50.0 and scores["base"].score == 50.0

@@ -15,7 +15,7 @@ import pytest
 from benchmarks.arena_hard.formats import read_questions
 from benchmarks.arena_hard.judge import judge_answers, load_judge_config
 from conftest import SHARED
-from engine.errors import BackendError, ConfigError
+from actors.errors import BackendError, ConfigError
 from scripted_server import ScriptedServer
 
 ARENA = SHARED / "arena-hard-v0.1"
@@ -55,7 +55,7 @@ def rows(path):
 def test_a_hanging_judge_fails_with_its_timeout_and_keeps_what_was_judged(questions, tmp_path):
     hung = judge_server(hang_on=questions[1].prompt[:60])
     try:
-        with pytest.raises(BackendError, match=r"did not answer within endpoint.timeout_s=1.0s"):
+        with pytest.raises(BackendError, match=r"failed after \d+ attempts: no answer within endpoint.timeout_s=1.0s"):
             judge_answers(endpoint_judge(hung.url), questions, ANSWERS, BASELINE, tmp_path, progress=False)
     finally:
         hung.close()
@@ -75,7 +75,7 @@ def test_a_judge_endpoint_that_is_down_is_named(questions, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed once the block ends: nothing listens there
-    with pytest.raises(BackendError, match=rf"judge endpoint http://127.0.0.1:{port}/v1 is unreachable"):
+    with pytest.raises(BackendError, match=rf"endpoint http://127.0.0.1:{port}/v1 \(judge\) failed after \d+ attempts: APIConnectionError: unreachable"):
         judge_answers(endpoint_judge(f"http://127.0.0.1:{port}/v1"), questions, ANSWERS, BASELINE, tmp_path, progress=False)
     assert not (tmp_path / "gpt-3.5-turbo-0125.jsonl").exists()
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 
-from actors.backend import make_backend
-from actors.pool import plan_pools
+from actors.registry import make_backend
+from engine.placement import plan_pools
 from benchmarks.record import record
 from benchmarks.workload import DirectClient, generated_tokens, prompts, run_flat
 from engine.runner import execute

@@ -15,7 +15,7 @@ ENV = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": ""}
 
 
 def fescale(*args, cwd=REPO, timeout=600):
-    return subprocess.run([sys.executable, "-m", "engine.cli", *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "cli", *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
 def test_help_explains_the_commands():

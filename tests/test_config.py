@@ -3,7 +3,7 @@
 import pytest
 
 from engine.config import available_configs, build_config, load_config
-from engine.errors import ConfigError
+from actors.errors import ConfigError
 
 
 def test_every_preset_loads_and_the_modes_are_all_there():

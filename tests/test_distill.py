@@ -10,7 +10,7 @@ import yaml
 
 from conftest import REPO
 from engine.distill import ShardSink
-from engine.errors import ConfigError
+from actors.errors import ConfigError
 from engine.inputs import InputErrorRow
 from engine.rows import Message, PromptState, RowError
 
@@ -90,9 +90,10 @@ def tiny_distill(tmp_path, tiny_model, lines: list[str]):
     prompts.write_text("\n".join(lines) + "\n")
     out = tmp_path / "out"
 
-    def distill(*extra, env=None):
+    def distill(*extra, crash_before_manifest=None):
         args = ["distill", "--config", str(config), "--input", str(prompts), "--output-dir", str(out), "--shard-size", "2", "--quiet", *extra]
-        return subprocess.run([sys.executable, "-m", "engine.cli", *args], cwd=REPO, env={**ENV, **(env or {})}, capture_output=True, text=True, timeout=600)
+        command = ["-m", "benchmarks.faults", "exit-before-manifest", crash_before_manifest, "--"] if crash_before_manifest else ["-m", "cli"]
+        return subprocess.run([sys.executable, *command, *args], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
 
     return distill, out
 
@@ -126,7 +127,7 @@ def test_a_crash_between_shard_rename_and_manifest_line_resumes_exactly_once(tmp
     its manifest line: the rerun deletes those unlisted files and redoes their prompts, once."""
     distill, out = tiny_distill(tmp_path, tiny_model, [question(i) for i in range(8)])
 
-    crashed = distill(env={"FESCALE_CHAOS_EXIT_BEFORE_MANIFEST": "part-00001"})
+    crashed = distill(crash_before_manifest="part-00001")
     assert crashed.returncode == 1, crashed.stderr[-3000:]
     assert (out / "data" / "part-00001.jsonl").exists() and "part-00001" not in (out / "manifest.jsonl").read_text()
 

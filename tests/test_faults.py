@@ -1,5 +1,6 @@
 """Real faults on a local Ray cluster: a model replica's process is SIGKILLed mid-run, and a poison
-prompt crashes its replica every time (`FESCALE_CHAOS_CRASH_ON`: the replica calls `os._exit(1)`).
+prompt crashes its replica every time (`benchmarks.faults.FaultyBackend` wraps the HF backend and calls
+`os._exit(1)` on a marked prompt: installed from the role's config, no hook in production code).
 Every prompt must end up exactly once: in the output, or with its reason in the errors file."""
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import signal
 
 import pytest
 
+from benchmarks.faults import faulty_role
 from conftest import make_config
 
 pytestmark = pytest.mark.slow
@@ -26,14 +28,14 @@ def prompts(n: int, poison_at: int | None = None):
 
 def run(cfg, items, out, on_rows=None, before=None):
     """`on_rows(pids)` makes the callback for each batch of finished rows; `before(pids)` runs first."""
-    from actors.pool import Pools
+    from engine.pools import Pools
     from engine.runner import execute
     from engine.sinks import JsonlSink
     from engine.summary import Summary
 
     summary = Summary(cfg.mode, cfg.config_hash())
     with Pools(cfg) as pools:
-        pids = [pid for pool in pools.pools.values() for pid in _pids(pools, pool)]
+        pids = [pid for group in pools.replicas.values() for pid in _pids(group)]
         if before:
             before(pids)
         execute(cfg, items, JsonlSink(out, []), summary, pools=pools, progress=False, on_rows=on_rows(pids) if on_rows else None)
@@ -42,10 +44,10 @@ def run(cfg, items, out, on_rows=None, before=None):
     return summary, rows, errors
 
 
-def _pids(pools, pool):
+def _pids(replicas):
     import ray
 
-    return [ray.get(r.ready.remote())["pid"] for r in pool.replicas]
+    return [ray.get(r.ready.remote())["pid"] for r in replicas]
 
 
 def test_a_replica_killed_mid_run_is_restarted_and_every_prompt_is_written_once(ray_session, tiny_model, tmp_path):
@@ -70,7 +72,7 @@ def test_a_replica_killed_mid_run_is_restarted_and_every_prompt_is_written_once(
 def test_a_poison_prompt_fails_alone_into_the_errors_file(ray_session, tiny_model, tmp_path):
     cfg = make_config(
         tiny_model,
-        roles={"generator": {"model": tiny_model, "backend": "hf", "num_cpus": 1, "threads": 1, "env": {"FESCALE_CHAOS_CRASH_ON": "POISON"}}},
+        roles={"generator": faulty_role({"model": tiny_model, "backend": "hf", "num_cpus": 1, "threads": 1}, crash_on="POISON")},
         pipeline={"batch_size": 2, "max_attempts": 2, "ready_timeout_s": 300},
     )
     summary, rows, errors = run(cfg, prompts(8, poison_at=3), tmp_path / "out.jsonl")
@@ -85,7 +87,7 @@ def test_a_prompt_that_hangs_its_replica_times_out_alone(ray_session, tiny_model
     cfg = make_config(
         tiny_model,
         mode="greedy",
-        roles={"generator": {"model": tiny_model, "backend": "hf", "num_cpus": 1, "threads": 1, "env": {"FESCALE_CHAOS_HANG_ON": "HANG"}}},
+        roles={"generator": faulty_role({"model": tiny_model, "backend": "hf", "num_cpus": 1, "threads": 1}, hang_on="HANG")},
         pipeline={"batch_size": 2, "max_attempts": 2, "call_timeout_s": 5, "ready_timeout_s": 300},
     )
     items = prompts(6)
@@ -110,12 +112,12 @@ def test_with_two_replicas_a_dead_one_is_routed_around(ray_session, tiny_model, 
 
 
 def test_a_pool_out_of_restarts_stops_the_run_with_a_clear_error(ray_session, tiny_model, tmp_path):
-    from engine.errors import BackendError
+    from actors.errors import BackendError
 
     cfg = make_config(
         tiny_model,
         mode="greedy",
-        roles={"generator": {"model": tiny_model, "backend": "hf", "num_cpus": 1, "threads": 1, "max_restarts": 0, "env": {"FESCALE_CHAOS_CRASH_ON": "POISON"}}},
+        roles={"generator": faulty_role({"model": tiny_model, "backend": "hf", "num_cpus": 1, "threads": 1, "max_restarts": 0}, crash_on="POISON")},
     )
     with pytest.raises(Exception) as raised:
         run(cfg, prompts(4, poison_at=0), tmp_path / "out.jsonl")

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from actors.backend import BackendSpec, ChatRequest, ClassifyRequest, NextTokenRequest, Sampling
 from actors.hf_backend import HFBackend
-from engine.errors import RequestError
+from actors.errors import RequestError
 
 Q = ({"role": "user", "content": "What is 2 + 2?"},)
 LONG_Q = ({"role": "user", "content": "Tell me a long story about a dragon who learns to read."},)

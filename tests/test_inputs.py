@@ -6,7 +6,7 @@ import json
 import pytest
 
 from conftest import SHARED
-from engine.errors import InputError
+from actors.errors import InputError
 from engine.inputs import read_prompts
 
 

@@ -3,9 +3,9 @@
 import pytest
 
 from engine.config import PlanItem, load_config
-from engine.errors import RequestError
+from actors.errors import RequestError
 from engine.knobs import request_config, spread
-from engine.openai_protocol import APIError, ChatCompletionRequest, parse_request
+from engine.openai_protocol import ChatCompletionRequest, error_response, parse_request
 
 HI = [{"role": "user", "content": "hi"}]
 
@@ -48,11 +48,11 @@ def test_caps_and_served_modes_are_enforced_by_name():
 
 
 def test_parse_request_names_the_problem():
-    with pytest.raises(APIError, match="not valid JSON"):
+    with pytest.raises(RequestError, match="not valid JSON"):
         parse_request(b"{")
-    with pytest.raises(APIError, match="fescale.edits_per_set: Input should be greater than 0") as e:
+    with pytest.raises(RequestError, match="fescale.edits_per_set: Input should be greater than 0") as e:
         parse_request(b'{"messages": [{"role": "user", "content": "x"}], "fescale": {"edits_per_set": 0}}')
-    assert e.value.status == 400 and e.value.body()["error"]["param"] == "fescale.edits_per_set"
+    assert error_response(e.value, "r1") == (400, {"error": {"message": str(e.value), "type": "invalid_request_error", "param": "fescale.edits_per_set", "code": "invalid_request"}})
     parts = parse_request(b'{"messages": [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]}')
     assert parts.conversation() == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "ab"}]
 

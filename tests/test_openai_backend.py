@@ -21,7 +21,7 @@ from actors.backend import BackendSpec, ChatRequest, NextTokenRequest, Sampling
 from actors.hf_backend import HFBackend
 from actors.openai_backend import OpenAIBackend
 from conftest import make_config
-from engine.errors import BackendError, RequestError
+from actors.errors import BackendError, ConfigError, RequestError
 from engine.inputs import Prompt
 from engine.runner import execute
 from engine.sinks import JsonlSink
@@ -72,7 +72,7 @@ def test_transient_failures_are_retried_then_succeed():
         ([(503, {"error": {"message": "overloaded"}}, {}, 0)] * 3, "failed after 3 attempts: InternalServerError: overloaded"),
         ([(200, "this is not json", {}, 0)] * 3, "failed after 3 attempts"),
         ([(200, {"id": "x", "object": "chat.completion", "choices": []}, {}, 0)] * 3, "MalformedResponse"),
-        ([(200, COMPLETION, {}, 3.0)] * 3, "failed after 3 attempts: APITimeoutError"),
+        ([(200, COMPLETION, {}, 3.0)] * 3, "failed after 3 attempts: no answer within endpoint.timeout_s="),
     ],
 )
 def test_persistent_failures_end_in_an_error_naming_the_endpoint(script, needle):
@@ -108,7 +108,7 @@ def test_an_endpoint_that_is_down_fails_fast():
 
 def test_missing_api_key_env_is_a_clear_error(monkeypatch):
     monkeypatch.delenv("FESCALE_TEST_KEY", raising=False)
-    with pytest.raises(BackendError, match="FESCALE_TEST_KEY .* is not set"):
+    with pytest.raises(ConfigError, match=r"needs an API key in \$FESCALE_TEST_KEY .* not set"):
         OpenAIBackend(spec("http://127.0.0.1:1/v1", api_key_env="FESCALE_TEST_KEY"))
 
 

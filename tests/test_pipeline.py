@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from actors.pool import plan_pools
+from engine.placement import plan_pools
 from conftest import make_config
-from engine.errors import ConfigError
+from actors.errors import ConfigError
 from engine.inputs import Prompt
 from engine.runner import execute
 from engine.sinks import JsonlSink
@@ -103,7 +103,7 @@ def test_roles_sharing_a_model_must_agree_on_its_settings(tiny_model):
 
 
 def test_missing_model_path_names_the_config_key(ray_session, tmp_path):
-    from actors.pool import Pools
+    from engine.pools import Pools
 
     cfg = make_config(str(tmp_path / "no-such-model"), mode="greedy")
     with pytest.raises(ConfigError, match=r"`roles.generator.model`: model path .* does not exist"):
@@ -111,8 +111,8 @@ def test_missing_model_path_names_the_config_key(ray_session, tmp_path):
 
 
 def test_a_replica_that_cannot_load_fails_the_start_cleanly(ray_session, tmp_path):
-    from actors.pool import Pools
-    from engine.errors import BackendError
+    from engine.pools import Pools
+    from actors.errors import BackendError
 
     broken = tmp_path / "broken"
     broken.mkdir()
@@ -125,7 +125,7 @@ def test_a_replica_that_cannot_load_fails_the_start_cleanly(ray_session, tmp_pat
 
 
 def test_a_replica_no_node_can_hold_is_refused_at_once(ray_session, tiny_model):
-    from actors.pool import Pools
+    from engine.pools import Pools
 
     cfg = make_config(tiny_model, mode="greedy", roles={"generator": {"model": tiny_model, "num_cpus": 64}})
     with pytest.raises(ConfigError, match=r"needs 64 CPUs and 0 GPUs on one node, and no node .* lower `roles.generator.num_cpus`"):
@@ -134,12 +134,14 @@ def test_a_replica_no_node_can_hold_is_refused_at_once(ray_session, tiny_model):
 
 def test_a_model_free_step_rides_in_the_stage_before_it(tiny_model):
     """filter/rerank costs microseconds: it runs in the feedback stage, not in an actor of its own."""
-    from engine.pipeline import MAX_STAGES, stages
+    from engine.modes import MAX_STAGES
+    from engine.pipeline import stages
     from engine.steps import build_steps
 
     for mode in ("feedback_edit", "edit_without_feedback", "greedy"):
         cfg = make_config(tiny_model, mode=mode)
         grouped = [[s.name for s in stage] for stage in stages(build_steps(cfg, lambda role: None))]
         assert len(grouped) <= MAX_STAGES and all(stage[0] != "filter" for stage in grouped)
+        assert [stage[0] for stage in grouped] == list(cfg.spec.stages)  # the modes' stage list is the pipeline's
         if mode == "feedback_edit":
             assert grouped == [["generate"], ["feedback", "filter"], ["edit"], ["select"]]

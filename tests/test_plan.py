@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from actors.pool import plan_pools
-from engine.cli import main
+from engine.placement import plan_pools
+from cli.main import main
 from engine.config import load_config
-from engine.errors import ConfigError
+from actors.errors import ConfigError
 from engine.model_memory import SHIPPED_FACTS, ModelFacts, load_facts
 from engine.planner import RUNTIME_RESERVE_GB, NodeSpec, parse_cluster, plan_cluster
 
@@ -163,7 +163,7 @@ def _on_simulated_cluster(workdir: Path) -> dict:
     from ray.cluster_utils import Cluster
     from ray.util.placement_group import placement_group_table, remove_placement_group
 
-    from actors.pool import Pools
+    from engine.pools import Pools
     from engine.placement import reserve
     from engine.planner import cluster_from_ray
 

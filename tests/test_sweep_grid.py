@@ -9,7 +9,7 @@ import pytest
 
 from benchmarks.arena_hard.sweep import PointResult, cheapest_reaching, load_grid, pareto_frontier, pick_for_budget
 from engine.config import load_config
-from engine.errors import ConfigError
+from actors.errors import ConfigError
 
 GRIDS = sorted((Path(__file__).parents[1] / "configs" / "sweeps").glob("*.yaml"))
 
@@ -45,6 +45,14 @@ def test_a_bad_grid_names_what_is_wrong(tmp_path, text, match):
 def test_a_missing_grid_file_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_grid(tmp_path / "nope.yaml")
+
+
+def test_grid_paths_are_relative_to_the_grid_file_also_when_set(tmp_path):
+    (tmp_path / "q.jsonl").write_text("")
+    (tmp_path / "g.yaml").write_text("questions: q.jsonl\naxes: {a: {key: generate.num_responses, values: [2]}}\n")
+    assert load_grid(tmp_path / "g.yaml").questions == str(tmp_path / "q.jsonl")
+    grid = load_grid(tmp_path / "g.yaml", ["questions=missing.jsonl", "baseline_answers=q.jsonl", "limit=2"])
+    assert (grid.questions, grid.baseline_answers, grid.limit) == ("missing.jsonl", str(tmp_path / "q.jsonl"), 2)
 
 
 def test_a_wrong_config_key_in_a_point_is_named(tmp_path):

@@ -120,7 +120,7 @@ def test_rollout_replicas_load_new_weights_in_place(ray_session, tiny_model):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from actors.backend import ChatRequest, Sampling
-    from actors.pool import Pools
+    from engine.pools import Pools
 
     cfg = make_config(tiny_model, mode="greedy")
     request = ChatRequest(({"role": "user", "content": "Hello there"},), Sampling(max_tokens=6))
@@ -132,10 +132,10 @@ def test_rollout_replicas_load_new_weights_in_place(ray_session, tiny_model):
     ids = tokenizer.apply_chat_template(list(request.messages), add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
     expected = tokenizer.decode(reference.generate(ids, max_new_tokens=6, do_sample=False)[0, ids.shape[1] :], skip_special_tokens=True)
     with Pools(cfg) as pools:
-        client = pools.clients().for_config(cfg)("generator")
+        client = pools.client("generator")
         before = asyncio.run(client.chat([request]))[0].completions[0].text
-        (pool,) = pools.pools.values()
-        ray.get([r.call.remote("update_weights", ray.put([state])) for r in pool.replicas])
+        (replicas,) = pools.replicas.values()
+        ray.get([r.call.remote("update_weights", ray.put([state])) for r in replicas])
         after = asyncio.run(client.chat([request]))[0].completions[0].text
     assert after == expected and after != before
 
@@ -152,7 +152,7 @@ def checkpoint_registered(run_dir) -> bool:
 def test_a_killed_training_job_resumes_from_its_last_checkpoint(tiny_model, tmp_path):
     """`fescale train` as a user runs it: SIGKILLed after its first checkpoint, rerun, it goes on from there."""
     out = tmp_path / "run"
-    args = [sys.executable, "-m", "engine.cli", "train", "edit-sft", *[a for s in FAST for a in ("--set", s)],
+    args = [sys.executable, "-m", "cli", "train", "edit-sft", *[a for s in FAST for a in ("--set", s)],
             "--set", f"model={tiny_model}", "--set", f"output_dir={out}", "--set", "optim.global_batch_size=2",
             "--set", "checkpoint_every=2", "--set", "optim.max_steps=6"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": ""}

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import SHARED
-from engine.errors import ConfigError, InputError
+from actors.errors import ConfigError, InputError
 from train import data, prepare
 from train.config import load_train_config
 from train.losses import bradley_terry, rloo_advantages, sequence_logprobs

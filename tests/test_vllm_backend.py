@@ -11,9 +11,9 @@ import pytest
 
 from actors.backend import BackendSpec, ChatRequest, ClassifyRequest, NextTokenRequest, Sampling
 from actors.hf_backend import HFBackend
-from actors.pool import Pools
+from engine.pools import Pools
 from conftest import make_config
-from engine.errors import RequestError
+from actors.errors import RequestError
 from engine.inputs import Prompt
 from engine.runner import execute
 from engine.sinks import JsonlSink
@@ -37,7 +37,7 @@ def test_vllm_pool_runs_the_pipeline_and_matches_hf_scores(ray_session, embedded
         edit={"max_tokens": 16},
     )
     with Pools(cfg) as pools:
-        client = pools.clients().for_config(cfg)("generator")
+        client = pools.client("generator")
         [res] = asyncio.run(client.chat([ChatRequest(Q, Sampling(n=3, temperature=0.7, top_p=0.9, max_tokens=8))]))
         assert len(res.completions) == 3 and all(1 <= c.tokens <= 8 for c in res.completions)
         assert all(c.finish_reason == "stop" or c.tokens == 8 for c in res.completions)
@@ -69,6 +69,6 @@ def test_vllm_classifier_scores_through_the_pooling_runner(ray_session, tiny_mod
     )
     conv = Q + ({"role": "assistant", "content": "Paris."},)
     with Pools(cfg) as pools:
-        [score] = asyncio.run(pools.clients().for_config(cfg)("reward").classify([ClassifyRequest(conv)]))
+        [score] = asyncio.run(pools.client("reward").classify([ClassifyRequest(conv)]))
     [expected] = asyncio.run(HFBackend(BackendSpec(backend="hf", model=tiny_classifier, kind="classifier")).classify([ClassifyRequest(conv)]))
     assert score.scores[0] == pytest.approx(expected.scores[0], abs=1e-3)

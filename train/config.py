@@ -2,8 +2,8 @@
 
 Defaults are the paper's (HelpSteer3, Appendix G): 1 epoch, AdamW, constant LR after 10 warmup
 steps, global batch 128; the learning rate and the data source depend on the stage (`STAGE_LR`).
-The same strict loading as the engine's config: an unknown key or a wrong value is one
-`ConfigError` naming it.
+Loaded by the config kit (`engine.config_kit`), as the engine's config: an unknown key or a wrong
+value is one `ConfigError` naming it, in the same format.
 """
 
 from __future__ import annotations
@@ -11,11 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError, model_validator
+from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
 
-from engine.config import CONFIGS_DIR, RoleConfig, _Strict, apply_override, format_validation_error
-from engine.errors import ConfigError
+from engine.config import CONFIGS_DIR, RoleConfig
+from engine.config_kit import StrictModel, error, read, short, validate
 
 Stage = Literal["feedback-sft", "edit-sft", "distill-sft", "edit-rm", "edit-rloo"]
 STAGES: tuple[str, ...] = Stage.__args__
@@ -23,7 +22,7 @@ STAGE_LR = {"feedback-sft": 1e-6, "edit-sft": 1e-6, "distill-sft": 1e-6, "edit-r
 TRAIN_CONFIGS = CONFIGS_DIR / "train"
 
 
-class DataConfig(_Strict):
+class DataConfig(StrictModel):
     dir: str | None = Field(None, description="HelpSteer3 root holding <subset>/train.jsonl.gz (feedback, edit, edit_quality)")
     distill: str | None = Field(None, description="a `fescale distill` output folder or .sft.jsonl file (distill-sft)")
     max_seq_len: PositiveInt = 4096
@@ -36,7 +35,7 @@ class DataConfig(_Strict):
     limit: PositiveInt | None = Field(None, description="use at most this many rows per split (smoke runs)")
 
 
-class OptimConfig(_Strict):
+class OptimConfig(StrictModel):
     lr: PositiveFloat | None = Field(None, description="default per stage: SFT 1e-6, RM 3e-6, RLOO 5e-7")
     warmup_steps: NonNegativeInt = 10
     weight_decay: float = 0.0
@@ -47,7 +46,7 @@ class OptimConfig(_Strict):
     grad_clip: PositiveFloat = 1.0
 
 
-class ResourcesConfig(_Strict):
+class ResourcesConfig(StrictModel):
     num_workers: PositiveInt = 1
     use_gpu: bool = False
     cpus_per_worker: PositiveFloat = 1.0
@@ -55,17 +54,17 @@ class ResourcesConfig(_Strict):
     max_failures: NonNegativeInt = Field(2, description="times Ray Train restarts a failed worker group from the latest checkpoint")
 
 
-class DeepSpeedConfig(_Strict):
+class DeepSpeedConfig(StrictModel):
     zero_stage: Literal[0, 1, 2, 3] = 2
     offload: bool = Field(False, description="ZeRO-Offload optimizer (and ZeRO-3 parameters) to CPU memory")
     extra: dict[str, Any] = Field(default_factory=dict, description="merged into the generated DeepSpeed config")
 
 
-class RMConfig(_Strict):
+class RMConfig(StrictModel):
     tuples_per_step: PositiveInt = Field(32, description="distinct (prompt, original, feedback) tuples per step, 2 pairs each")
 
 
-class RLOOConfig(_Strict):
+class RLOOConfig(StrictModel):
     reward_model: str | None = Field(None, description="the Edit RM folder (edit-rm's output)")
     rollouts_per_prompt: int = Field(4, ge=2)
     rollout_batch_size: PositiveInt = Field(64, description="prompts per step")
@@ -76,7 +75,7 @@ class RLOOConfig(_Strict):
     rollout: RoleConfig = Field(default_factory=RoleConfig, description="the engine backend that samples rollouts (model: the policy)")
 
 
-class TrainConfig(_Strict):
+class TrainConfig(StrictModel):
     stage: Stage
     model: str = Field(description="starting model: 'embedded', a HF folder, or an earlier stage's output")
     output_dir: str = Field(description="checkpoints, metrics.jsonl, data_report.json and the final model/")
@@ -108,28 +107,9 @@ class TrainConfig(_Strict):
 
 def load_train_config(path: str | Path | None, stage: str | None = None, overrides: list[str] | None = None) -> TrainConfig:
     """A YAML file or a preset in configs/train/ (by name), the stage from the CLI, `key=value` overrides."""
-    data: dict[str, Any] = {}
-    source = "overrides"
-    if path is not None:
-        file = Path(path)
-        if not file.is_file():
-            preset = TRAIN_CONFIGS / f"{path}.yaml"
-            if not preset.is_file():
-                names = ", ".join(sorted(p.stem for p in TRAIN_CONFIGS.glob("*.yaml")))
-                raise ConfigError(f"training config {str(path)!r} is neither a file nor a preset in configs/train ({names})")
-            file = preset
-        source = str(file)
-        try:
-            data = yaml.safe_load(file.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{file}: not valid YAML: {e}") from e
+    data, source = read(path, what="training config", presets_dir=TRAIN_CONFIGS)
     if stage is not None:
         if data.get("stage") not in (None, stage):
-            raise ConfigError(f"{source} is a config for stage {data['stage']!r}, not {stage!r}")
+            raise error("training config", source, f"`stage`: this is a config for stage {short(data['stage'])}, not {stage!r}")
         data["stage"] = stage
-    for override in overrides or []:
-        apply_override(data, override)
-    try:
-        return TrainConfig.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(format_validation_error(e, source, TrainConfig)) from None
+    return validate(TrainConfig, data, overrides or (), what="training config", source=source)

@@ -14,7 +14,7 @@ import glob
 from pathlib import Path
 from typing import Any, Literal
 
-from engine.errors import InputError
+from actors.errors import InputError
 from engine.inputs import check_messages, read_rows
 
 Subset = Literal["preference", "feedback", "edit", "edit_quality"]

@@ -191,20 +191,17 @@ def applied_feedback(role, seed: int = 0) -> Callable[[list[tuple[str, str]]], l
         import asyncio
 
         from actors.backend import ChatRequest, Sampling
-        from actors.pool import Pools
-        from engine.config import build_config
+        from engine.pools import role_pools
 
         if not pairs:
             return []
-        cfg = build_config({"mode": "greedy", "seed": seed, "roles": {"generator": role.model_dump()}})
         sampling = Sampling(n=1, temperature=0.0, max_tokens=4)
         requests = [
             ChatRequest(({"role": "user", "content": templates.FEEDBACK_APPLICATION.format(change_summary=s, feedback=f)},), sampling)
             for s, f in pairs
         ]
-        with Pools(cfg) as pools:
-            client = pools.clients().for_config(cfg)("generator")
-            results = asyncio.run(client.chat(requests))
+        with role_pools(role, seed) as pools:
+            results = asyncio.run(pools.client("generator").chat(requests))
         return [r.completions[0].text.strip().lower().startswith("yes") for r in results]
 
     return check

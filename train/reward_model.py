@@ -5,6 +5,8 @@ The paper's batch design: each optimizer step holds `rm.tuples_per_step` (32) *d
 (no edit = the original < good edit), so the model learns both "this edit is better than that one"
 and "the good edit improved on the original" in a 1:1 ratio. `rm_steps` builds those steps. The
 result is a `sequence_classification` model: the engine's reward role loads it as is.
+`RECIPE` makes it a stage: Edit Preference tuples from the `edit_quality` subset, and an epoch of as
+many steps as `rm_steps` can fill.
 """
 
 from __future__ import annotations
@@ -13,10 +15,14 @@ import random
 
 import torch
 
+from actors.chat_format import ChatFormatter
 from actors.models import resolve_model
+from train import prepare
+from train.config import TrainConfig
 from train.loop import TaskBase
 from train.losses import bradley_terry
-from train.tokens import pad_right
+from train.recipe import Recipe, Sources
+from train.tokens import pad_right, tokenize_preferences
 
 PAIRS = (("good", "bad"), ("good", "original"))  # (chosen, rejected) per tuple
 
@@ -83,3 +89,19 @@ class RewardModelTask(TaskBase):
             correct += float(accuracy) * len(chosen)
             pairs += len(chosen)
         return {"val_loss": (loss_sum, pairs), "val_accuracy": (correct, pairs)}
+
+
+class RewardModelRecipe(Recipe):
+    def prepare(self, cfg: TrainConfig, fmt: ChatFormatter, sources: Sources) -> tuple[list, list]:
+        d = cfg.data
+        return tuple(
+            tokenize_preferences(fmt, prepare.edit_preferences(rows, sources.drops, d.domains), d.max_seq_len, sources.drops)
+            for rows in sources.splits("edit_quality")
+        )
+
+    def steps_per_epoch(self, cfg: TrainConfig, train: list) -> int:
+        """Fewer than len // tuples_per_step when a tuple's edits cannot all go to distinct steps."""
+        return len(rm_steps(train, self.items_per_step(cfg), cfg.seed))
+
+
+RECIPE = RewardModelRecipe("edit-rm", RewardModelTask, batch_key="rm.tuples_per_step")

@@ -8,11 +8,15 @@ of the other rollouts of the same prompt; the loss is -advantage x log p(edit). 
 step rank 0 pushes the new weights into the rollout replicas (`update_weights`, an in-memory load:
 no checkpoint round trip), and every rank waits for it before sampling again.
 Validation: the mean RM reward of greedy edits on the validation prompts (`val_reward`, highest kept).
+`RECIPE` makes it a stage: the Edit SFT prompts of the `edit` subset, and the rollout pool started
+beside the training workers for the whole run.
 """
 
 from __future__ import annotations
 
 import asyncio
+from contextlib import contextmanager
+from typing import Iterator
 
 import ray
 import torch
@@ -22,9 +26,11 @@ from actors.backend import ChatRequest, Sampling
 from actors.chat_format import ChatFormatter
 from actors.models import resolve_model
 from engine import method, templates
+from train.config import TrainConfig
 from train.loop import TaskBase, chunk_steps, order
 from train.losses import rloo_advantages, sequence_logprobs
 from train.prepare import Drops, SFTExample
+from train.recipe import Recipe, Sources
 from train.tokens import IGNORE, pad_right, rm_ids, sft_ids
 
 
@@ -40,20 +46,6 @@ def rollout_prompts(rows: list[dict], drops: Drops, joiner: str = "\n") -> list[
         prompt = method.with_response(row["context"], row["original_response"], instruction)
         out.append({"id": f"{row['_source']}:{row['_line']}", "context": row["context"], "prompt": prompt})
     return out
-
-
-def start_rollout_pool(cfg):
-    """Start the engine pool that samples rollouts; its model is the policy's starting point."""
-    from actors.pool import Pools
-    from engine.config import build_config
-
-    role = cfg.rloo.rollout.model_copy(update={"model": cfg.model})
-    engine_cfg = build_config({"mode": "greedy", "seed": cfg.seed, "roles": {"generator": role.model_dump()}})
-    pools = Pools(engine_cfg)
-    pools.start()
-    (pool,) = pools.pools.values()
-    client = pools.clients().for_config(engine_cfg)("generator")
-    return pools, {"client": client, "replicas": list(pool.replicas)}
 
 
 class RLOOTask(TaskBase):
@@ -121,3 +113,25 @@ class RLOOTask(TaskBase):
             ray.get([replica.call.remote("update_weights", ref) for replica in self.replicas])
         if dist.is_initialized():
             dist.barrier()
+
+
+class RLOORecipe(Recipe):
+    def prepare(self, cfg: TrainConfig, fmt: ChatFormatter, sources: Sources) -> tuple[list, list]:
+        """Prompts, not token ids: the policy's edits of them are sampled during training."""
+        return tuple(rollout_prompts(rows, sources.drops, cfg.data.joiner) for rows in sources.splits("edit"))
+
+    def reserved_cpus(self, cfg: TrainConfig) -> float:
+        return cfg.rloo.rollout.num_cpus * cfg.rloo.rollout.replicas
+
+    @contextmanager
+    def extras(self, cfg: TrainConfig) -> Iterator[dict]:
+        """The engine pool that samples rollouts, its model the policy's starting point; every worker's
+        RLOOTask gets its client (to sample) and its replicas (to push new weights into)."""
+        from engine.pools import role_pools
+
+        with role_pools(cfg.rloo.rollout.model_copy(update={"model": cfg.model}), cfg.seed) as pools:
+            (replicas,) = pools.replicas.values()
+            yield {"client": pools.client("generator"), "replicas": list(replicas)}
+
+
+RECIPE = RLOORecipe("edit-rloo", RLOOTask, batch_key="rloo.rollout_batch_size")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from benchmarks.arena_hard.formats import Answer, ITSCost, Question, append_jsonl, iter_jsonl
 from engine.config import FescaleConfig
-from engine.errors import ConfigError, RequestError
+from actors.errors import ConfigError, RequestError
 from engine.rows import Message, PromptState, RowError
 from engine.steps import build_steps, run_steps
 from engine.summary import Summary
@@ -71,10 +71,10 @@ def answer_questions(
     progress: bool = True,
 ) -> AnswerRun:
     """Answer the questions not yet in `out_dir/<model_id>.jsonl`; starts (and stops) the config's
-    pools unless running `pools` (an `actors.pool.Pools` covering the config's roles) are given."""
+    pools unless running `pools` (an `engine.pools.Pools` covering the config's roles) are given."""
     from tqdm import tqdm
 
-    from actors.pool import Pools
+    from engine.pools import Pools
 
     out = out_dir / f"{model_id}.jsonl"
     errors = out_dir / f"{model_id}.errors.jsonl"

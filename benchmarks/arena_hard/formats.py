@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
-from engine.errors import InputError
+from actors.errors import InputError
 
 Version = Literal["v0.1", "v2.0"]
 _CODE_BLOCK = re.compile("```([^`]*)```")

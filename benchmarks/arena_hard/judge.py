@@ -21,17 +21,17 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-
-import yaml
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveInt, ValidationError, model_validator
+from pydantic import Field, NonNegativeFloat, PositiveInt, model_validator
 
 from benchmarks.arena_hard.formats import Answer, Game, Judgment, Question, append_jsonl, iter_jsonl, read_answers
-from engine.config import EndpointConfig
-from engine.errors import BackendError, ConfigError, InputError
+from engine.config import CONFIGS_DIR, EndpointConfig
+from engine.config_kit import StrictModel, load
+from actors.errors import BackendError, ConfigError, InputError
 
 JUDGE_SYSTEM_PROMPT = (
     "Please act as an impartial judge and evaluate the quality of the responses provided by two AI assistants to the "
@@ -88,10 +88,8 @@ def parse_verdict(text: str, pattern: str = VERDICT_PATTERN) -> Verdict:
     return Verdict(None, False)
 
 
-class JudgeConfig(BaseModel):
+class JudgeConfig(StrictModel):
     """Who judges against whom. Defaults are the paper's Arena Hard v0.1 setup."""
-
-    model_config = ConfigDict(extra="forbid")
 
     backend: Literal["openai", "hf", "vllm"] = Field("openai", description="openai: `endpoint`; hf or vllm: `model` runs in this process")
     model: str = Field("gpt-4-1106-preview", description="the model name at the endpoint; for hf/vllm a local folder, a .gguf or 'embedded'")
@@ -127,83 +125,39 @@ class JudgeConfig(BaseModel):
         return self.system_prompt
 
 
-def load_judge_config(source: str | Path | dict | None) -> JudgeConfig:
-    """A judge config from a YAML file, a mapping, or None (the paper's gpt-4-1106-preview on OpenAI)."""
-    data: dict = {}
-    where = "judge config"
-    if isinstance(source, dict):
-        data = source
-    elif source is not None:
-        path = Path(source)
-        if not path.is_file():
-            raise ConfigError(f"judge config {path} does not exist")
-        where = str(path)
-        data = yaml.safe_load(path.read_text()) or {}
-    try:
-        return JudgeConfig.model_validate(data)
-    except ValidationError as e:
-        lines = [f"`{'.'.join(map(str, err['loc']))}`: {err['msg']}" for err in e.errors()]
-        raise ConfigError(f"invalid {where}:\n  " + "\n  ".join(lines)) from None
+def load_judge_config(source: str | Path | dict | None, overrides: Iterable[str] = ()) -> JudgeConfig:
+    """A judge config from a preset in configs/judges/ (by name), a YAML file, a mapping, or None (the
+    paper's gpt-4-1106-preview on OpenAI), with `key=value` overrides (`--judge-set`)."""
+    return load(JudgeConfig, source, overrides, what="judge config", presets_dir=CONFIGS_DIR / "judges")
 
 
 class Judge:
-    """Runs the games of many questions on one judge: an endpoint (`endpoint.max_concurrency` requests
-    at a time) or a local backend (every game in flight at once: the backend batches them)."""
+    """Runs the games of many questions on one judge through fescale's backend interface: the
+    OpenAI-compatible backend for an endpoint (`endpoint.max_concurrency` requests at a time, its
+    retries and error messages), or a local hf/vllm backend (every game in flight at once: the
+    backend batches them)."""
 
     def __init__(self, cfg: JudgeConfig):
+        from actors.backend import BackendSpec
+        from actors.registry import make_backend
+
         self.cfg = cfg
-        self.client = self.backend = None
-        if cfg.backend != "openai":
-            from actors.backend import BackendSpec, make_backend
-
-            self.backend = make_backend(BackendSpec(cfg.backend, cfg.model, threads=cfg.threads or os.cpu_count() or 1, max_model_len=cfg.max_model_len))
-            return
-        import openai
-
-        ep = cfg.endpoint
-        api_key = os.environ.get(ep.api_key_env, "") if ep.api_key_env else "unused"
-        if ep.api_key_env and not api_key:
-            raise ConfigError(f"the judge endpoint {ep.base_url} needs an API key in ${ep.api_key_env}; set it")
-        # openai retries 429 / 5xx / connection errors / timeouts with backoff, `max_retries` times
-        self.client = openai.AsyncOpenAI(base_url=ep.base_url, api_key=api_key, timeout=ep.timeout_s, max_retries=ep.max_retries)
-        self.gate = asyncio.Semaphore(ep.max_concurrency)
+        if cfg.backend == "openai":
+            spec = BackendSpec("openai", cfg.model, endpoint=cfg.endpoint.model_dump(), engine_kwargs=cfg.extra_body)
+        else:
+            spec = BackendSpec(cfg.backend, cfg.model, threads=cfg.threads or os.cpu_count() or 1, max_model_len=cfg.max_model_len)
+        self.backend = make_backend(spec)
 
     async def close(self) -> None:
-        if self.client is not None:
-            await self.client.close()
-        if self.backend is not None:
-            await self.backend.close()
+        await self.backend.close()
 
     async def complete(self, messages: list[dict], prefix: str = "") -> str:
         """The judge's next turn (starting with `prefix`, local judges only)."""
-        if self.backend is not None:
-            from actors.backend import ChatRequest, Sampling
+        from actors.backend import ChatRequest, Sampling
 
-            sampling = Sampling(1, self.cfg.temperature, 1.0, self.cfg.max_tokens)
-            [result] = await self.backend.chat([ChatRequest(tuple(messages), sampling, prefix=prefix)])
-            return prefix + result.completions[0].text
-        import openai
-
-        ep = self.cfg.endpoint
-        try:
-            async with self.gate:
-                reply = await self.client.chat.completions.create(
-                    model=self.cfg.model,
-                    messages=messages,
-                    temperature=self.cfg.temperature,
-                    max_tokens=self.cfg.max_tokens,
-                    extra_body=self.cfg.extra_body or None,
-                )
-        except openai.APITimeoutError:
-            raise BackendError(
-                f"judge endpoint {ep.base_url} did not answer within endpoint.timeout_s={ep.timeout_s}s "
-                f"(after {ep.max_retries} retries); raise the timeout or lower endpoint.max_concurrency"
-            ) from None
-        except openai.APIConnectionError as e:
-            raise BackendError(f"judge endpoint {ep.base_url} is unreachable after {ep.max_retries} retries: {e.__cause__ or e}") from None
-        except openai.APIStatusError as e:
-            raise BackendError(f"judge endpoint {ep.base_url} answered {e.status_code} for model {self.cfg.model!r}: {e.message}") from None
-        return reply.choices[0].message.content or ""
+        sampling = Sampling(1, self.cfg.temperature, 1.0, self.cfg.max_tokens)
+        [result] = await self.backend.chat([ChatRequest(tuple(messages), sampling, prefix=prefix)])
+        return prefix + result.completions[0].text
 
     async def game(self, question: Question, answer_a: str, answer_b: str) -> Game:
         """One game: the judge's turns (one continuation when no label) and the parsed verdict."""

@@ -17,7 +17,7 @@ Example (two questions: the baseline wins 3 battles, the model 1, and one tie ->
     >>> from benchmarks.arena_hard.formats import Game, Judgment
     >>> js = [Judgment("q1", "m", "judge", (Game("A>>B"), Game("A>B")), "v0.1"),
     ...       Judgment("q2", "m", "judge", (Game("A=B"), Game("B>A")), "v0.1")]
-    >>> [(s.model, s.score) for s in score_v01(js, "base")]
+    >>> [(s.model, s.score) for s in score_judgments(js, "base")]
     [('base', 50.0), ('m', 25.0)]
 """
 
@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +36,7 @@ from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from benchmarks.arena_hard.formats import Judgment, read_answers, read_judgments
-from engine.errors import InputError
+from actors.errors import InputError
 
 WEIGHT = 3  # battles per `>>` verdict
 ROUNDS = 100
@@ -128,19 +128,11 @@ def win_rate(rating: float, baseline_rating: float) -> float:
     return round(100.0 / (1.0 + BASE ** ((float(baseline_rating) - float(rating)) / SCALE)), 2)
 
 
-def score_v01(
-    judgments: list[Judgment],
-    baseline: str,
-    avg_tokens: dict[str, int] | None = None,
-    rounds: int = ROUNDS,
-    seed: int = SEED,
-    weight: int = WEIGHT,
-) -> list[ModelScore]:
-    """The v0.1 leaderboard (baseline included at 50%), best first."""
+def _score_v01(judgments: list[Judgment], baseline: str, rounds: int, rs: np.random.RandomState, weight: int) -> list[ModelScore]:
+    """The v0.1 rows, the baseline's included, in no order and without average tokens."""
     battles = battles_v01(judgments, weight)
     if len(battles.model) == 0:
         raise InputError("no judged games with a verdict: nothing to score")
-    rs = np.random.RandomState(seed)
     n = len(battles.model)
     with threadpool_limits(1):  # tiny fits: BLAS threads only add contention (10x slower on 2 cores)
         ratings = bradley_terry(battles, baseline)
@@ -158,26 +150,19 @@ def score_v01(
                 score=win_rate(rating, ratings[baseline]),
                 ci_low=win_rate(np.percentile(samples, 2.5), np.percentile(base_samples, 2.5)),
                 ci_high=win_rate(np.percentile(samples, 97.5), np.percentile(base_samples, 97.5)),
-                avg_tokens=(avg_tokens or {}).get(model),
                 battles=int((battles.model == model).sum()) if model != baseline else n,
             )
         )
-    return sorted(rows, key=lambda r: (-r.score, r.model))
+    return rows
 
 
 # -- v2.0: bootstrapped mean ------------------------------------------------------------------------
 
 
-def score_v20(
-    judgments: list[Judgment],
-    baseline: str,
-    category: str,
-    avg_tokens: dict[str, int] | None = None,
-    rounds: int = ROUNDS,
-    seed: int = SEED,
-    weight: int = WEIGHT,
+def _score_v20(
+    judgments: list[Judgment], baseline: str, category: str, rounds: int, rs: np.random.RandomState, weight: int
 ) -> list[ModelScore]:
-    """The v2.0 leaderboard of one category (the baseline added at 50%), best first."""
+    """The v2.0 rows of one category (the baseline added at 50%), in no order and without average tokens."""
     labels = {k: v[:1] * (weight if len(v) > 1 else 1) for k, v in _V20_LABELS.items()}
     outcomes: dict[str, list[float]] = {}
     for j in judgments:
@@ -193,7 +178,6 @@ def score_v20(
         outcomes.setdefault(model, []).extend(labels[g2] + [1 - s for s in labels[g1]])
     if not outcomes:
         raise InputError(f"no judged questions with two verdicts in category {category!r}")
-    rs = np.random.RandomState(seed)
     models = sorted(outcomes)
     arrays = {m: np.array(outcomes[m], dtype=float) for m in models}
     boot = {m: [] for m in models}
@@ -207,13 +191,39 @@ def score_v20(
             score=round(100 * float(np.mean(boot[m])), 2),
             ci_low=round(100 * float(np.quantile(boot[m], 0.05)), 2),
             ci_high=round(100 * float(np.quantile(boot[m], 0.95)), 2),
-            avg_tokens=(avg_tokens or {}).get(m),
             battles=len(arrays[m]),
         )
         for m in models
     ]
-    rows.append(ModelScore(baseline, 50.0, 50.0, 50.0, (avg_tokens or {}).get(baseline)))
-    return sorted(rows, key=lambda r: (-r.score, r.model))
+    return [*rows, ModelScore(baseline, 50.0, 50.0, 50.0)]
+
+
+# -- either version ---------------------------------------------------------------------------------
+
+
+def score_judgments(
+    judgments: list[Judgment],
+    baseline: str,
+    category: str | None = None,
+    avg_tokens: dict[str, int] | None = None,
+    *,
+    rounds: int = ROUNDS,
+    seed: int = SEED,
+    weight: int = WEIGHT,
+) -> list[ModelScore]:
+    """The leaderboard (baseline included at 50%), best first: v0.1's Bradley-Terry over all the
+    judgments when `category` is None, else v2.0's bootstrapped mean over that category's.
+
+    One entry point for both versions, so callers that only know the version at run time (a
+    judgment directory, a sweep's questions) pick it with an argument, not with a second call.
+    """
+    rs = np.random.RandomState(seed)
+    if category is None:
+        rows = _score_v01(judgments, baseline, rounds, rs, weight)
+    else:
+        rows = _score_v20(judgments, baseline, category, rounds, rs, weight)
+    tokens = avg_tokens or {}
+    return sorted((replace(r, avg_tokens=tokens.get(r.model)) for r in rows), key=lambda r: (-r.score, r.model))
 
 
 # -- leaderboard files and tables -------------------------------------------------------------------
@@ -248,14 +258,15 @@ def score_dir(
         answer_dir = guess if guess.is_dir() else None
     tokens = average_tokens(answer_dir) if answer_dir else None
     if judgments[0].version == "v0.1":
-        return score_v01(judgments, baseline or "gpt-4-0314", tokens, rounds, seed)
-    category = category or "hard_prompt"
-    named = {j.baseline for j in judgments if j.category == category and j.baseline}
-    if baseline is None:
-        if len(named) != 1:
-            raise InputError(f"category {category!r} names baselines {sorted(named)}; pass --baseline")
-        baseline = named.pop()
-    return score_v20(judgments, baseline, category, tokens, rounds, seed)
+        category, baseline = None, baseline or "gpt-4-0314"
+    else:
+        category = category or "hard_prompt"
+        named = {j.baseline for j in judgments if j.category == category and j.baseline}
+        if baseline is None:
+            if len(named) != 1:
+                raise InputError(f"category {category!r} names baselines {sorted(named)}; pass --baseline")
+            baseline = named.pop()
+    return score_judgments(judgments, baseline, category, tokens, rounds=rounds, seed=seed)
 
 
 def leaderboard_json(scores: list[ModelScore]) -> dict[str, dict]:

@@ -7,7 +7,7 @@ A grid file names a base config, the questions, the baseline answers, the judge 
     set: [generate.max_tokens=2048]
     questions: data/arena-hard-v0.1/question.jsonl
     baseline_answers: data/arena-hard-v0.1/model_answer/gpt-4-0314.jsonl
-    judge: configs/judges/gpt-4-1106-preview.yaml        # or an inline judge config
+    judge: gpt-4-1106-preview              # a preset in configs/judges/, a path, or an inline judge config
     reference: [mode=greedy]               # the point tokens are relative to (default: greedy)
     axes:
       responses:                           # one axis: a key and its values ...
@@ -16,6 +16,9 @@ A grid file names a base config, the questions, the baseline answers, the judge 
         set: [feedback.effective=2]        # ... plus overrides of this axis only
       scorer:                              # ... or named points, each a list of overrides
         points: {logit_judge: [select.scorer=logit_judge], generative: [select.scorer=generative]}
+
+The file loads like every fescale config (`engine.config_kit`): strict keys, one error format, and
+`fescale sweep --set KEY=VALUE` overrides its keys (e.g. `limit=4`, `config=greedy`).
 
 Each point lives in `<out>/data/` in arena-hard-auto's layout (`model_answer/<id>.jsonl`,
 `model_judgment/<judge>/<id>.jsonl`) under an id that carries its config hash, so a rerun reuses
@@ -32,22 +35,22 @@ import json
 import logging
 import re
 import statistics
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, PositiveInt, model_validator
 
-from engine.errors import ConfigError
+from actors.errors import ConfigError
+from engine.config import CONFIGS_DIR
+from engine.config_kit import StrictModel, load, resolve
 
 log = logging.getLogger("fescale")
 REFERENCE_AXIS = "reference"
 
 
-class AxisSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class AxisSpec(StrictModel):
     key: str | None = Field(None, description="the config key this axis varies")
     values: list[Any] = Field(default_factory=list, description="its values, one point each")
     points: dict[str, list[str]] = Field(default_factory=dict, description="named points: label -> overrides")
@@ -65,9 +68,7 @@ class AxisSpec(BaseModel):
         return {str(v): [*self.set, f"{self.key}={json.dumps(v) if not isinstance(v, str) else v}"] for v in self.values}
 
 
-class GridSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class GridSpec(StrictModel):
     name: str = "sweep"
     config: str = "feedback_edit"
     set: list[str] = Field(default_factory=list)
@@ -75,7 +76,7 @@ class GridSpec(BaseModel):
     baseline_answers: str | None = None
     judge: str | dict | None = None
     reference: list[str] = Field(default_factory=lambda: ["mode=greedy", "generate.num_responses=1"])
-    limit: int | None = Field(None, description="only the first N questions")
+    limit: PositiveInt | None = Field(None, description="only the first N questions")
     axes: dict[str, AxisSpec]
 
     def points(self) -> list[tuple[str, str, list[str]]]:
@@ -85,15 +86,10 @@ class GridSpec(BaseModel):
         ]
 
 
-def load_grid(path: str | Path) -> GridSpec:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"grid file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-        grid = GridSpec.model_validate(data)
-    except (yaml.YAMLError, ValidationError) as e:
-        raise ConfigError(f"invalid grid {path}: {e}") from None
+def load_grid(path: str | Path, overrides: Iterable[str] = ()) -> GridSpec:
+    """A grid file or a preset in configs/sweeps/ (by name), with `key=value` overrides of grid keys (`--set`)."""
+    path = resolve(path, CONFIGS_DIR / "sweeps", what="grid")
+    grid = load(GridSpec, path, overrides, what="grid")
     return grid.model_copy(update={k: _relative(path, getattr(grid, k)) for k in ("questions", "baseline_answers")})
 
 
@@ -139,11 +135,12 @@ def run_sweep(
     progress: bool = True,
 ) -> list[PointResult]:
     """Answer, judge and score every point (reusing what `out` already holds); write table and plots."""
-    from actors.pool import Pools, plan_pools
+    from engine.placement import plan_pools
+    from engine.pools import Pools
     from benchmarks.arena_hard.answer import answer_questions
     from benchmarks.arena_hard.formats import read_answers, read_judgments, read_questions
     from benchmarks.arena_hard.judge import judge_answers, load_judge_config
-    from benchmarks.arena_hard.score import score_v01, score_v20
+    from benchmarks.arena_hard.score import score_judgments
     from engine.config import load_config
     from engine.runner import init_ray
 
@@ -177,7 +174,7 @@ def run_sweep(
             verdicts = sum(g is not None and g.score is not None for j in judgments for g in j.games)
             score = None
             if verdicts:
-                scored = score_v01(judgments, judge_cfg.baseline) if qs[0].version == "v0.1" else score_v20(judgments, judge_cfg.baseline, qs[0].category)
+                scored = score_judgments(judgments, judge_cfg.baseline, None if qs[0].version == "v0.1" else qs[0].category)
                 score = next(s for s in scored if s.model == mid)
             answers = [a for a in read_answers(answers_path).values() if a.cost is not None]
             results.append(

@@ -1,13 +1,15 @@
 """`fescale bench arena-hard {answer,judge,show}` and `fescale sweep`: parsers and their commands.
 
-`engine/cli.py` registers these two parsers and nothing else; every import of real work happens
-inside the command, so `fescale --help` stays fast.
+`cli.main` registers these two parsers; every import of real work happens inside the command, so
+`fescale --help` stays fast.
 """
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+
+from cli.args import add_address, add_command, add_config, add_limit, add_quiet, add_set, positive_int
 
 BENCH_EPILOG = """\
 The files are arena-hard-auto's own (data/arena-hard-v0.1/ layout), so its scripts and fescale's
@@ -34,69 +36,51 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     arena = benches.add_parser(
         "arena-hard",
         help="Arena Hard (v0.1 as in the paper, or v2.0): answers, judge, scores",
-        description="Arena Hard in arena-hard-auto's own file formats: answer the questions with any fescale "
-        "config, judge them pairwise against a baseline with an OpenAI-compatible judge, and score them with "
-        "Bradley-Terry and bootstrap CIs exactly as arena-hard-auto's show_result.py does.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Arena Hard in arena-hard-auto's own file formats: answer the questions with any fescale\n"
+        "config, judge them pairwise against a baseline with an OpenAI-compatible judge, and score them\n"
+        "with Bradley-Terry and bootstrap CIs exactly as arena-hard-auto's show_result.py does.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,  # the epilog's commands keep their layout
         epilog=BENCH_EPILOG,
     )
     steps = arena.add_subparsers(dest="step", required=True, metavar="STEP")
 
-    answer = steps.add_parser(
-        "answer",
-        help="answer the questions with a fescale config into <out>/<model-id>.jsonl (resumable)",
-        description="Runs any fescale config (greedy, best_of_n, feedback_edit, the ablations) over question.jsonl and "
-        "writes arena-hard-auto answer rows with token_len counted by the generator's tokenizer, plus, under "
-        "`fescale`, the tokens the whole system spent on each answer and its latency. Questions already in the "
-        "file are skipped.",
-    )
-    answer.add_argument("--config", default="feedback_edit", help="a preset name (see `fescale configs`) or a YAML file [feedback_edit]")
-    answer.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
+    answer = add_command(steps, "answer", cmd_answer)
+    add_config(answer)
     answer.add_argument("--questions", required=True, help="arena-hard-auto question.jsonl (v0.1 or v2.0)")
     answer.add_argument("--model-id", required=True, help="the model id in the rows and the file name")
     answer.add_argument("--out", required=True, help="the model_answer/ directory")
     answer.add_argument("--tokenizer", help="local tokenizer folder for token_len [the generator's model]")
-    answer.add_argument("--limit", type=int, help="only the first N questions")
-    answer.add_argument("--concurrency", type=int, help="questions in flight [pipeline.batch_size x max_concurrent_batches]")
-    answer.add_argument("--address", help="Ray cluster to join, e.g. auto [RAY_ADDRESS, else a local cluster]")
-    answer.add_argument("--quiet", action="store_true", help="no progress bar")
-    answer.set_defaults(func=cmd_answer)
+    add_limit(answer, "questions")
+    answer.add_argument("--concurrency", type=positive_int, help="questions in flight [pipeline.batch_size x max_concurrent_batches]")
+    add_address(answer)
+    add_quiet(answer)
 
-    judge = steps.add_parser(
-        "judge",
-        help="judge a model's answers pairwise against the baseline's (two games per question, resumable)",
-        description="Two games per question with the positions swapped, arena-hard-auto's judge prompt and template, "
-        "one continuation when the judge gave no [[verdict]]. The judge is any OpenAI-compatible endpoint named in "
-        "--judge-config (YAML: model, endpoint {base_url, api_key_env, timeout_s, max_retries, max_concurrency}, "
-        "baseline, temperature, max_tokens), or a local model (backend: hf or vllm, model: a folder or 'embedded'; "
-        "see configs/judges/embedded.yaml); default: gpt-4-1106-preview on api.openai.com with $OPENAI_API_KEY. "
-        "Writes <out>/<judge name>/<model>.jsonl; questions already there are skipped.",
-    )
+    judge = add_command(steps, "judge", cmd_judge)
     judge.add_argument("--questions", required=True, help="arena-hard-auto question.jsonl")
     judge.add_argument("--answers", required=True, help="the model's answer file")
     judge.add_argument("--baseline-answers", required=True, help="the baseline's answer file (v0.1: gpt-4-0314.jsonl)")
-    judge.add_argument("--judge-config", help="judge YAML [the paper's gpt-4-1106-preview on OpenAI]")
+    judge.add_argument("--judge-config", help="judge YAML or a preset in configs/judges/ [the paper's gpt-4-1106-preview on OpenAI]")
+    add_set(judge, "max_tokens=512", flag="--judge-set", what="a judge config key")
     judge.add_argument("--out", required=True, help="the model_judgment/ directory")
-    judge.add_argument("--quiet", action="store_true", help="no progress bar")
-    judge.set_defaults(func=cmd_judge)
+    add_quiet(judge)
 
-    show = steps.add_parser(
-        "show",
-        help="print the leaderboard of a judgment directory (show_result.py) and write scores JSON",
-        description="Reads model_judgment/<judge>/*.jsonl (arena-hard-auto's or fescale's) and prints each model's "
-        "win rate against the baseline with its 95%% bootstrap CI and average answer tokens, as show_result.py.",
-    )
+    show = add_command(steps, "show", cmd_show)
     show.add_argument("--judgment-dir", required=True, help="the model_judgment/<judge>/ directory")
     show.add_argument("--baseline", help="the baseline model [v0.1: gpt-4-0314; v2.0: the rows' `baseline`]")
     show.add_argument("--answer-dir", help="answer files for average tokens [<judgment-dir>/../../model_answer]")
     show.add_argument("--category", help="v2.0 only: the category to score [hard_prompt]")
-    show.add_argument("--rounds", type=int, default=100, help="bootstrap rounds [100]")
+    show.add_argument("--rounds", type=positive_int, default=100, help="bootstrap rounds [100]")
     show.add_argument("--seed", type=int, default=42, help="bootstrap seed [42, arena-hard-auto's]")
     show.add_argument("--output", help="write {model: {score, ci_low, ci_high, avg_tokens}} (percent) here")
-    show.set_defaults(func=cmd_show)
 
 
 def cmd_show(args: argparse.Namespace) -> int:
+    """print the leaderboard of a judgment directory (show_result.py) and write scores JSON
+
+    Reads model_judgment/<judge>/*.jsonl (arena-hard-auto's or fescale's) and prints each model's
+    win rate against the baseline with its 95% bootstrap CI and average answer tokens, as
+    show_result.py.
+    """
     from benchmarks.arena_hard.score import leaderboard_lines, score_dir, write_leaderboard
 
     scores = score_dir(args.judgment_dir, args.baseline, args.answer_dir, args.category, args.rounds, args.seed)
@@ -108,6 +92,13 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_answer(args: argparse.Namespace) -> int:
+    """answer the questions with a fescale config into <out>/<model-id>.jsonl (resumable)
+
+    Runs any fescale config (greedy, best_of_n, feedback_edit, the ablations) over question.jsonl
+    and writes arena-hard-auto answer rows with token_len counted by the generator's tokenizer,
+    plus, under `fescale`, the tokens the whole system spent on each answer and its latency.
+    Questions already in the file are skipped.
+    """
     from benchmarks.arena_hard.answer import answer_questions
     from benchmarks.arena_hard.formats import read_questions
     from engine.config import load_config
@@ -123,41 +114,52 @@ def cmd_answer(args: argparse.Namespace) -> int:
 
 
 def cmd_judge(args: argparse.Namespace) -> int:
+    """judge a model's answers pairwise against the baseline's (two games per question, resumable)
+
+    Two games per question with the positions swapped, arena-hard-auto's judge prompt and template,
+    one continuation when the judge gave no [[verdict]]. The judge is any OpenAI-compatible endpoint
+    named in --judge-config (YAML: model, endpoint {base_url, api_key_env, timeout_s, max_retries,
+    max_concurrency}, baseline, temperature, max_tokens), or a local model (backend: hf or vllm,
+    model: a folder or 'embedded'; see configs/judges/embedded.yaml); default: gpt-4-1106-preview on
+    api.openai.com with $OPENAI_API_KEY. Writes <out>/<judge name>/<model>.jsonl; questions already
+    there are skipped.
+    """
     from benchmarks.arena_hard.formats import read_questions
     from benchmarks.arena_hard.judge import judge_answers, load_judge_config
 
-    cfg = load_judge_config(args.judge_config)
+    cfg = load_judge_config(args.judge_config, args.judge_set)
     out = judge_answers(cfg, read_questions(args.questions), Path(args.answers), Path(args.baseline_answers), Path(args.out) / cfg.judge_name, progress=not args.quiet)
     print(f"judgments in {out}")
     return 0
 
 
 def add_sweep_parser(sub: argparse._SubParsersAction) -> None:
-    sweep = sub.add_parser(
-        "sweep",
-        help="scaling sweep on Arena Hard: a grid over config keys, each point answered, judged and scored",
-        description="Runs every point of a grid file (see configs/sweeps/) through answer -> judge -> score, reusing "
-        "what --out already holds, and writes sweep.json, sweep.md and the plots scaling.png (score vs tokens, "
-        "log2, per axis, 95%% CI bars) and pareto.png. With --pick-for-budget or --target-score it reads an existing "
-        "sweep.json and names the best config within a token budget / the cheapest reaching a score.",
-    )
-    sweep.add_argument("--grid", required=True, help="grid YAML (configs/sweeps/*.yaml)")
+    sweep = add_command(sub, "sweep", cmd_sweep)
+    sweep.add_argument("--grid", required=True, help="grid YAML or a preset in configs/sweeps/")
+    add_set(sweep, "limit=4", what="a grid key")
     sweep.add_argument("--out", help="sweep directory [runs/sweeps/<grid name>]")
     sweep.add_argument("--questions", help="question.jsonl [the grid's `questions`]")
     sweep.add_argument("--baseline-answers", help="baseline answer file [the grid's `baseline_answers`]")
-    sweep.add_argument("--judge-config", help="judge YAML [the grid's `judge`]")
-    sweep.add_argument("--limit", type=int, help="only the first N questions [the grid's `limit`]")
+    sweep.add_argument("--judge-config", help="judge YAML or a preset in configs/judges/ [the grid's `judge`]")
+    sweep.add_argument("--limit", type=positive_int, help="only the first N questions [the grid's `limit`]")
     sweep.add_argument("--pick-for-budget", type=float, metavar="TOKENS", help="best point within TOKENS generated tokens per answer")
     sweep.add_argument("--target-score", type=float, metavar="SCORE", help="cheapest point scoring at least SCORE")
-    sweep.add_argument("--address", help="Ray cluster to join, e.g. auto [RAY_ADDRESS, else a local cluster]")
-    sweep.add_argument("--quiet", action="store_true", help="no progress bars")
-    sweep.set_defaults(func=cmd_sweep)
+    add_address(sweep)
+    add_quiet(sweep)
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    """scaling sweep on Arena Hard: a grid over config keys, each point answered, judged and scored
+
+    Runs every point of a grid file (see configs/sweeps/) through answer -> judge -> score, reusing
+    what --out already holds, and writes sweep.json, sweep.md and the plots scaling.png (score vs
+    tokens, log2, per axis, 95% CI bars) and pareto.png. With --pick-for-budget or --target-score
+    it reads an existing sweep.json and names the best config within a token budget / the cheapest
+    reaching a score.
+    """
     from benchmarks.arena_hard.sweep import cheapest_reaching, load_grid, load_results, markdown_table, pick_for_budget, run_sweep
 
-    grid = load_grid(args.grid)
+    grid = load_grid(args.grid, args.set)
     out = Path(args.out or f"runs/sweeps/{grid.name}")
     if args.pick_for_budget is None and args.target_score is None:
         results = run_sweep(grid, out, questions=args.questions, baseline_answers=args.baseline_answers, judge=args.judge_config,

@@ -1,4 +1,4 @@
-"""`fescale`: the command line (also `python -m engine.cli`, and under `ray job submit`).
+"""`fescale`: the command line (also `python -m cli`, and under `ray job submit`).
 
     fescale run                          # the default config on the embedded model, bundled prompts
     fescale run --config best_of_n --input prompts.jsonl --output out.jsonl --set generate.num_responses=8
@@ -19,96 +19,69 @@ import signal
 import sys
 from pathlib import Path
 
+from actors.errors import FescaleError
+from cli.args import add_address, add_command, add_config, add_limit, add_quiet, add_set, positive_float, positive_int
+from cli.bench import add_bench_parser, add_sweep_parser
 from engine.config import available_configs, load_config, resolve_config_path
-from engine.errors import FescaleError
+from engine.inputs import DEMO_PROMPTS
 from engine.planner import CLUSTER_HELP, plan_command
+from train.config import STAGES
 
 log = logging.getLogger("fescale")
-DEMO_PROMPTS = Path(__file__).resolve().parent / "data" / "prompts.jsonl"
 SHOWN_ROWS = 20
 
 
-def _add_config_args(p: argparse.ArgumentParser, batch: bool = True) -> None:
-    p.add_argument("--config", default="feedback_edit", help="a preset name (see `fescale configs`) or a YAML file [feedback_edit]")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. --set generate.num_responses=4 (repeatable)")
+def _add_batch_args(p: argparse.ArgumentParser) -> None:
+    add_config(p)
     p.add_argument("--print-config", action="store_true", help="print the resolved config (with inherited roles) and exit")
-    p.add_argument("--address", help="Ray cluster to join, e.g. auto or HOST:6379 (default: RAY_ADDRESS, else start a local cluster)")
-    if batch:
-        p.add_argument("--limit", type=int, help="use only the first N valid prompts")
-        p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_address(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fescale",
-        description="Feedback-Edit inference-time scaling on Ray: generate N responses, write M feedback per "
+        description="Feedback-Edit inference-time scaling on Ray: generate N responses, write M feedback per\n"
         "response, edit each from its feedback K times, and let a reward scorer pick the final answer.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=argparse.RawDescriptionHelpFormatter,  # the epilog's examples keep their columns
         epilog=__doc__.split("\n", 1)[1],
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", help="run a config over a prompt file and print prompt -> answer", description="Ad-hoc run: one output JSONL (+ .sft.jsonl, .errors.jsonl, .summary.json).")
-    _add_config_args(run)
+    run = add_command(sub, "run", cmd_run)
+    _add_batch_args(run)
+    add_limit(run)
+    add_quiet(run)
     run.add_argument("--input", default=str(DEMO_PROMPTS), help="JSONL (id + prompt or messages; Arena-Hard; HelpSteer3) or Parquet [bundled demo prompts]")
     run.add_argument("--output", help="output JSONL [runs/<config>.jsonl]")
-    run.set_defaults(func=cmd_run)
 
-    distill = sub.add_parser("distill", help="mass-produce distillation data: shards + manifest, resumable", description="Large jobs: rerunning the same command after a crash or `ray job stop` skips prompts already written; every prompt ends up exactly once.")
-    _add_config_args(distill)
+    distill = add_command(sub, "distill", cmd_distill)
+    _add_batch_args(distill)
+    add_limit(distill)
+    add_quiet(distill)
     distill.add_argument("--input", required=True, help="prompt file (as for run)")
     distill.add_argument("--output-dir", required=True, help="directory for shards, manifest, SFT data and errors")
-    distill.add_argument("--shard-size", type=int, default=64, help="prompts per shard [64]")
-    distill.add_argument("--flush-interval", type=float, default=60.0, help="commit a partial shard after this many seconds [60]")
-    distill.set_defaults(func=cmd_distill)
+    distill.add_argument("--shard-size", type=positive_int, default=64, help="prompts per shard [64]")
+    distill.add_argument("--flush-interval", type=positive_float, default=60.0, help="commit a partial shard after this many seconds [60]")
 
-    serve = sub.add_parser(
-        "serve",
-        help="serve the system over HTTP as an OpenAI-compatible Ray Serve app",
-        description="Starts the role pools of every served mode and an OpenAI-compatible app (/v1/chat/completions, "
-        "/v1/models, /health) on Ray Serve; runs until Ctrl-C. Requests pick mode and knobs in `fescale: {...}` "
-        "(openai client: extra_body). Settings live in the config's `serve:` section.",
-    )
-    _add_config_args(serve, batch=False)
+    serve = add_command(sub, "serve", cmd_serve)
+    _add_batch_args(serve)
     serve.add_argument("--host", help="bind address [serve.host, 127.0.0.1]")
     serve.add_argument("--port", type=int, help="HTTP port [serve.port, 8000]")
     serve.add_argument("--metrics-port", type=int, help="Prometheus port of Ray's metrics agent on a local cluster [random]")
     serve.add_argument("--write-serve-config", metavar="PATH", help="write a Serve config file for `serve run`/`serve deploy` and exit")
-    serve.set_defaults(func=cmd_serve)
 
-    train = sub.add_parser(
-        "train",
-        help="train a stage on Ray Train + DeepSpeed (feedback-sft, edit-sft, distill-sft, edit-rm, edit-rloo)",
-        description="Prepares the stage's data as the HelpSteer3 paper does (printing what it keeps and drops), then "
-        "trains with the paper's defaults; checkpoints under OUTPUT/ray, the best model in OUTPUT/model. Rerunning "
-        "the same command resumes from the latest checkpoint.",
-    )
-    train.add_argument("stage", choices=["feedback-sft", "edit-sft", "distill-sft", "edit-rm", "edit-rloo"])
+    train = add_command(sub, "train", cmd_train)
+    train.add_argument("stage", choices=STAGES)
     train.add_argument("--config", help="a YAML file or a preset of configs/train (default: the preset named after the stage)")
-    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key, e.g. --set optim.max_steps=20 (repeatable)")
+    add_set(train, "optim.max_steps=20")
     train.add_argument("--dry-run", action="store_true", help="prepare the data, print the report and the step plan, and stop")
-    train.set_defaults(func=cmd_train)
 
-    plan = sub.add_parser(
-        "plan",
-        help="check that a config fits a cluster: memory per GPU, placement groups per node",
-        description="From each model's config.json (its local folder, or configs/models/<name>.json): weights and "
-        "KV cache per GPU at the role's tensor-parallel size, every pool's placement groups, the node each lands on, "
-        "and whether it all fits. Exits 2, saying what to change, when it does not. Starts nothing.",
-    )
-    plan.add_argument("--config", default="feedback_edit", help="a preset name (see `fescale configs`) or a YAML file [feedback_edit]")
-    plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
+    plan = add_command(sub, "plan", cmd_plan)
+    add_config(plan)
     plan.add_argument("--cluster", required=True, metavar="SPEC", help="the cluster: " + CLUSTER_HELP)
-    plan.set_defaults(func=cmd_plan)
 
-    prepare = sub.add_parser("prepare", help="dequantize the embedded SmolLM2 model into the local cache (once)")
-    prepare.set_defaults(func=cmd_prepare)
-
-    configs = sub.add_parser("configs", help="list the config presets")
-    configs.set_defaults(func=cmd_configs)
-
-    from benchmarks.arena_hard.cli import add_bench_parser, add_sweep_parser
-
+    add_command(sub, "prepare", cmd_prepare)
+    add_command(sub, "configs", cmd_configs)
     add_bench_parser(sub)
     add_sweep_parser(sub)
     return parser
@@ -147,6 +120,10 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    """run a config over a prompt file and print prompt -> answer
+
+    Ad-hoc run: one output JSONL (+ .sft.jsonl, .errors.jsonl, .summary.json).
+    """
     from engine.runner import execute, init_ray
     from engine.sinks import JsonlSink, sibling
     from engine.summary import Summary, results_table
@@ -173,6 +150,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
+    """mass-produce distillation data: shards + manifest, resumable
+
+    Large jobs: rerunning the same command after a crash or `ray job stop` skips prompts already
+    written; every prompt ends up exactly once.
+    """
     from engine.distill import ShardSink
     from engine.runner import execute, init_ray
     from engine.summary import Summary
@@ -197,6 +179,12 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    """serve the system over HTTP as an OpenAI-compatible Ray Serve app
+
+    Starts the role pools of every served mode and an OpenAI-compatible app (/v1/chat/completions,
+    /v1/models, /health) on Ray Serve; runs until Ctrl-C. Requests pick mode and knobs in
+    `fescale: {...}` (openai client: extra_body). Settings live in the config's `serve:` section.
+    """
     import time
 
     overrides = [*args.set, *([f"serve.host={args.host}"] if args.host else []), *([f"serve.port={args.port}"] if args.port is not None else [])]
@@ -212,7 +200,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 0
     from ray import serve
 
-    from actors.pool import check_models
+    from engine.placement import check_models
     from engine.runner import init_ray
 
     check_models(cfg, cfg.served_modes())
@@ -235,6 +223,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    """train a stage on Ray Train + DeepSpeed (feedback-sft, edit-sft, distill-sft, edit-rm, edit-rloo)
+
+    Prepares the stage's data as the HelpSteer3 paper does (printing what it keeps and drops), then
+    trains with the paper's defaults; checkpoints under OUTPUT/ray, the best model in OUTPUT/model.
+    Rerunning the same command resumes from the latest checkpoint.
+    """
     from train.config import load_train_config
     from train.runner import train
 
@@ -246,10 +240,18 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    """check that a config fits a cluster: memory per GPU, placement groups per node
+
+    From each model's config.json (its local folder, or configs/models/<name>.json): weights and KV
+    cache per GPU at the role's tensor-parallel size, every pool's placement groups, the node each
+    lands on, and whether it all fits. Exits 2, saying what to change, when it does not. Starts
+    nothing.
+    """
     return plan_command(args.config, args.set, args.cluster)
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
+    """dequantize the embedded SmolLM2 model into the local cache (once)"""
     from actors.models import EMBEDDED, resolve_model
 
     print(f"embedded model ready at {resolve_model(EMBEDDED)}")
@@ -257,6 +259,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_configs(args: argparse.Namespace) -> int:
+    """list the config presets"""
     for name in available_configs():
         first = resolve_config_path(name).read_text().splitlines()[0].lstrip("# ").strip()
         print(f"{name:26s} {first}")

@@ -1,0 +1,1 @@
+"""The `fescale` command line: the composition root on top of every layer (nothing imports it)."""
