@@ -11,7 +11,7 @@ from typing import Any, Callable
 import pytest
 
 from actors.errors import ConfigError
-from benchmarks.arena_hard.cli import add_bench_parser, add_sweep_parser
+from cli.bench import add_bench_parser, add_sweep_parser
 from benchmarks.arena_hard.judge import load_judge_config
 from benchmarks.arena_hard.sweep import load_grid
 from engine.config import CONFIGS_DIR, load_config
