@@ -41,6 +41,18 @@ APP_NAME = "fescale"
 api = FastAPI(title="fescale", description="OpenAI-compatible Feedback-Edit inference-time scaling")
 
 
+def _error(error: Exception) -> JSONResponse:
+    """The error's response (`error_response`); a 5xx is logged here with its request id.
+
+    Defined above the deployments: `serve.ingress` pickles the routes when the class is defined, and
+    a name the module defines later would be missing in the replica."""
+    request_id = uuid.uuid4().hex
+    status, body = error_response(error, request_id)
+    if status >= 500:
+        log.error("request %s failed: %s", request_id, error, exc_info=error)
+    return JSONResponse(body, status_code=status)
+
+
 @serve.deployment(name="FescalePools", num_replicas=1, ray_actor_options={"num_cpus": 0})
 class FescalePools:
     """Owns the role pools (model replicas on placement groups) for the app's lifetime."""
@@ -137,15 +149,6 @@ class FescaleAPI:
             id=uuid.uuid4().hex, messages=[Message(**m) for m in req.conversation()], mode=cfg.mode, config_hash=cfg.config_hash()
         )
         return await run_steps(steps, state, on_step=self.metrics.stage)
-
-
-def _error(error: Exception) -> JSONResponse:
-    """The error's response (`error_response`); a 5xx is logged here with its request id."""
-    request_id = uuid.uuid4().hex
-    status, body = error_response(error, request_id)
-    if status >= 500:
-        log.error("request %s failed: %s", request_id, error, exc_info=error)
-    return JSONResponse(body, status_code=status)
 
 
 def fescale_app(cfg: FescaleConfig) -> serve.Application:
