@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from actors.backend import Backend, BackendSpec, ChatRequest, ChatResult, ClassifyRequest, Completion, NextTokenRequest, ScoreResult
 from actors.chat_format import ChatFormatter
+from actors.errors import BackendError
 from actors.models import resolve_model
 
 log = logging.getLogger("fescale")
@@ -85,19 +86,44 @@ class HFBackend(Backend):
         while self._pending:
             pending, self._pending = self._pending, []
             for run in dict.fromkeys(r for r, _, _ in pending):  # one batch per kind, in arrival order
-                jobs = [(items, fut) for r, items, fut in pending if r == run]  # (bound methods: ==, not is)
-                flat = [item for items, _ in jobs for item in items]
-                try:
-                    results = await asyncio.to_thread(run, flat)
-                except Exception as e:  # the whole batch failed: every caller gets the error
-                    for _, fut in jobs:
-                        fut.set_exception(e)
-                    continue
-                it = iter(results)
-                for items, fut in jobs:
-                    mine = list(itertools.islice(it, len(items)))
-                    error = next((r for r in mine if isinstance(r, Exception)), None)
-                    fut.set_exception(error) if error else fut.set_result(mine)
+                await self._run_jobs(run, [(items, fut) for r, items, fut in pending if r == run])  # (bound methods: ==, not is)
+
+    async def _run_jobs(self, run: Callable, jobs: list[tuple[list, asyncio.Future]]) -> None:
+        """Run the callers' jobs as one batch. If the batch raises, the culprit is unknown: each job is
+        run alone (and a job of several requests that fails alone, each of its requests alone), so the
+        one failing request fails its caller only and every other caller gets its results. This costs
+        nothing while batches succeed; a failure costs one run per job (request) of that batch. A
+        `BackendError` is no request's fault: every caller gets it at once."""
+        flat = [item for items, _ in jobs for item in items]
+        try:
+            results = await asyncio.to_thread(run, flat)
+        except Exception as e:
+            if len(flat) == 1 or isinstance(e, BackendError):
+                for _, fut in jobs:
+                    _settle(fut, e)
+            elif len(jobs) > 1:
+                log.debug("a batch of %d calls failed (%s: %s); running each call alone", len(jobs), type(e).__name__, e)
+                for job in jobs:
+                    await self._run_jobs(run, [job])
+            else:
+                [(items, fut)] = jobs
+                outcomes: list = []
+                for item in items:  # until one fails: that fails its caller, whatever the rest do
+                    outcomes += await self._alone(run, item)
+                    if isinstance(outcomes[-1], Exception):
+                        break
+                _settle(fut, outcomes)
+            return
+        it = iter(results)
+        for items, fut in jobs:
+            _settle(fut, list(itertools.islice(it, len(items))))
+
+    async def _alone(self, run: Callable, item: Any) -> list:
+        """One request run by itself: its result, or the exception it raised, as a result."""
+        try:
+            return await asyncio.to_thread(run, [item])
+        except Exception as e:
+            return [e]
 
     # -- the batched work (runs in a thread) ------------------------------------------------------
     def _run_chat(self, requests: Sequence[ChatRequest]) -> list[ChatResult | Exception]:
@@ -202,6 +228,15 @@ class HFBackend(Backend):
         ids = torch.tensor([[pad] * (width - len(s)) + s for s in sequences], device=self.device)
         mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in sequences], device=self.device)
         return ids, mask
+
+
+def _settle(fut: asyncio.Future, outcome: list | Exception) -> None:
+    """A caller's future: its results, or the first error among them (a caller gone, its future
+    cancelled, is skipped: the batch's other callers must still get theirs)."""
+    if fut.done():
+        return
+    error = outcome if isinstance(outcome, Exception) else next((r for r in outcome if isinstance(r, Exception)), None)
+    fut.set_exception(error) if error is not None else fut.set_result(outcome)
 
 
 def _chunks(items: list, size: int):

@@ -3,7 +3,8 @@
 Bounded concurrency (a semaphore per replica), a timeout per call, retries with exponential
 backoff and jitter on transient failures (connection errors, timeouts, 429 honouring Retry-After,
 5xx, malformed responses), then a `BackendError` naming the endpoint and the last error. A 4xx
-that is the request's own fault (e.g. prompt over the context) fails that request only.
+that is the request's own fault (400, 413 payload too large, 422: e.g. a prompt over the context)
+is a `RequestError`: it fails that request only, where a batch job goes on with the others.
 
 Two things an HTTP API only approximates, documented where they are used:
 - per-completion token counts: the usage total is split evenly over the n completions;
@@ -40,6 +41,10 @@ _TRANSIENT = (
     json.JSONDecodeError,  # the openai client lets a non-JSON 200 body through as this
     MalformedResponse,
 )
+RETRIED_STATUS = {408, 409}  # request timeout, conflict: transient too (the openai client's own rule)
+# The request's own fault: bad or unprocessable (400, 422), too large (413). Only its prompt fails;
+# 401/403/404 (a wrong key, URL or model) stay a BackendError: they fail every prompt alike.
+REQUEST_FAULT = {400, 413, 422}
 
 
 class OpenAIBackend(Backend):
@@ -121,15 +126,16 @@ class OpenAIBackend(Backend):
                 if not getattr(resp, "choices", None):
                     raise MalformedResponse(f"not a chat completion: {str(resp)[:200]!r}")
                 return resp
-            except openai.BadRequestError as e:
-                raise RequestError(f"endpoint {self.base_url} rejected the request: {_message(e)}") from None
-            except _TRANSIENT as e:
+            except (openai.APIStatusError, *_TRANSIENT) as e:
+                status = getattr(e, "status_code", None)
+                if status in REQUEST_FAULT:
+                    raise RequestError(f"endpoint {self.base_url} rejected the request: {_message(e)} (HTTP {status})") from None
+                if not isinstance(e, _TRANSIENT) and status not in RETRIED_STATUS:  # 401/403/404 ...: retrying will not help
+                    raise BackendError(f"endpoint {self.base_url} ({self.spec.model}): HTTP {status}: {_message(e)}") from None
                 last = e
                 if attempt == self.max_retries:
                     break
                 await asyncio.sleep(_backoff(attempt, e))
-            except openai.APIStatusError as e:  # 401/403/404 ...: retrying will not help
-                raise BackendError(f"endpoint {self.base_url} ({self.spec.model}): HTTP {e.status_code}: {_message(e)}") from None
         raise BackendError(f"endpoint {self.base_url} ({self.spec.model}) failed after {self.max_retries + 1} attempts: {self._why(last)}")
 
     def _why(self, error: Exception | None) -> str:
@@ -154,7 +160,10 @@ def _backoff(attempt: int, error: Exception) -> float:
 
 
 def _message(error: Exception | None) -> str:
-    body = getattr(error, "body", None)
+    """The endpoint's own message, on one line and short (an HTML error page from a proxy is not)."""
+    body = getattr(error, "body", None)  # the openai client's parsed body (its "error" object), or the raw text
+    text: object = body if isinstance(body, str) and body.strip() else error
     if isinstance(body, dict):
-        return str(body.get("message") or body.get("error", {}).get("message") or body)
-    return str(error)
+        inner = body.get("error")
+        text = body.get("message") or (inner.get("message") if isinstance(inner, dict) else inner) or body.get("detail") or body
+    return " ".join(str(text).split())[:300]

@@ -14,18 +14,26 @@ an actor process and a hand-off of every row for microseconds of work.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 
 import numpy as np
 import ray
 
-from actors.errors import PromptError
+from actors.errors import BackendError, ConfigError, PromptError
 from engine.config import PipelineConfig
-from engine.rows import PromptState, RowError
+from engine.rows import Message, PromptState, RowError
 from engine.steps import Step
 
+log = logging.getLogger("fescale")
+
+
 class StageActor:
-    """Runs a stage's steps over a batch of rows; a prompt that fails with a PromptError carries its error on."""
+    """Runs a stage's steps over a batch of rows. What fails for one prompt fails only its row, which
+    carries its error on: a `PromptError` with its message, and any other exception of a step (a chat
+    template, a tokenizer, a bug met by one prompt's data) as an internal error of that step, with
+    its traceback in the "fescale" debug log. A `BackendError` or `ConfigError` is everyone's (a model
+    gone, a wrong setting): it stops the job, as it would fail every other row anyway."""
 
     def __init__(self, steps: list[Step]):
         self.steps = steps
@@ -33,7 +41,8 @@ class StageActor:
     async def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         states = [PromptState.model_validate_json(s) for s in batch["state"]]
         await asyncio.gather(*(self._run(s) for s in states))
-        return {"id": [s.id for s in states], "state": [s.model_dump_json() for s in states]}
+        rows = [self._serialized(s) for s in states]
+        return {"id": [row_id for row_id, _ in rows], "state": [state for _, state in rows]}
 
     async def _run(self, state: PromptState) -> None:
         for step in self.steps:
@@ -43,6 +52,42 @@ class StageActor:
                 await step.run(state)
             except PromptError as e:
                 state.error = RowError(stage=step.name, message=str(e))
+            except (BackendError, ConfigError):
+                raise
+            except Exception as e:
+                log.debug("prompt %s: internal error in %s", state.id, step.name, exc_info=True)
+                state.error = RowError(stage=step.name, message=self._reason(step.name, e))
+
+    def _serialized(self, state: PromptState) -> tuple[str, str]:
+        """(id, state JSON) of a row; a state that cannot be written (text no UTF-8 can hold, say)
+        becomes an error row of the same id and prompt, escaped so that it can."""
+        try:
+            return state.id, state.model_dump_json()
+        except Exception as e:
+            stage = state.error.stage if state.error else self.steps[-1].name
+            log.debug("prompt %s: state not serializable after %s", state.id, stage, exc_info=True)
+            failed = PromptState(
+                id=self._escaped(state.id),
+                messages=[Message(role=m.role, content=self._escaped(m.content)) for m in state.messages],
+                mode=state.mode,
+                config_hash=state.config_hash,
+                error=RowError(stage=stage, message=self._escaped(self._reason(stage, e))),
+            )
+            return failed.id, failed.model_dump_json()
+
+    @staticmethod
+    def _reason(step: str, error: Exception) -> str:
+        """One line for the errors file: the step, the exception's type and its message's first line.
+        A replica's own exception arrives wrapped by Ray: the original is named, not the wrapper."""
+        if isinstance(error, ray.exceptions.RayTaskError) and isinstance(error.cause, Exception):
+            error = error.cause
+        first = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+        return f"internal error in {step}: {type(error).__name__}" + (f": {first}" if first else "")
+
+    @staticmethod
+    def _escaped(text: str) -> str:
+        """`text` with what UTF-8 cannot encode (lone surrogates) written as backslash escapes."""
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def to_dataset(states: list[PromptState], batch_size: int) -> ray.data.Dataset:

@@ -102,3 +102,49 @@ def test_concurrent_calls_share_one_batch(backend, monkeypatch):
     results = run(many())
     assert len(results) == 4 and all(len(r[0].completions) == 1 for r in results)
     assert calls == [4]  # four callers, one generate of four rows (batch_size 4)
+
+
+def poisoned(backend, monkeypatch, fails):
+    """Makes the batched chat raise whenever `fails(batch)`, as a tokenizer or `generate` error does
+    for a whole batch; returns the sizes of the batches run."""
+    sizes = []
+    original = backend._run_chat
+
+    def run_chat(requests):
+        sizes.append(len(requests))
+        if fails(requests):
+            raise RuntimeError("generate failed for this batch")
+        return original(requests)
+
+    monkeypatch.setattr(backend, "_run_chat", run_chat)
+    return sizes
+
+
+POISON = ({"role": "user", "content": "POISON"},)
+TINY = Sampling(n=1, max_tokens=2)
+
+
+async def concurrently(backend, jobs):
+    return await asyncio.gather(*(backend.chat([ChatRequest(m, TINY) for m in job]) for job in jobs), return_exceptions=True)
+
+
+def test_one_failing_request_fails_only_its_caller(backend, monkeypatch):
+    sizes = poisoned(backend, monkeypatch, lambda batch: any(r.messages == POISON for r in batch))
+    results = run(concurrently(backend, [[Q], [POISON], [LONG_Q, Q], [Q, POISON]]))
+    assert [type(r).__name__ for r in results] == ["list", "RuntimeError", "list", "RuntimeError"]
+    assert len(results[2]) == 2 and all(len(res.completions) == 1 for res in results[0] + results[2])
+    assert sizes == [6, 1, 1, 2, 2, 1, 1]  # the batch, then each caller alone, then the two-request job's requests alone
+
+
+def test_a_batch_that_fails_only_as_a_batch_is_answered_request_by_request(backend, monkeypatch):
+    """A batch that fails for its size (out of memory, say) still answers every caller."""
+    sizes = poisoned(backend, monkeypatch, lambda batch: len(batch) > 1)
+    results = run(concurrently(backend, [[Q], [LONG_Q, Q]]))
+    assert [len(r) for r in results] == [1, 2]
+    assert sizes == [3, 1, 2, 1, 1]
+
+
+def test_a_healthy_batch_runs_once(backend, monkeypatch):
+    sizes = poisoned(backend, monkeypatch, lambda batch: False)
+    run(concurrently(backend, [[Q], [LONG_Q], [Q, Q]]))
+    assert sizes == [4]

@@ -86,15 +86,36 @@ def test_persistent_failures_end_in_an_error_naming_the_endpoint(script, needle)
         server.close()
 
 
-def test_client_errors_are_not_retried():
-    server = scripted([(400, {"error": {"message": "prompt too long"}}, {}, 0), (401, {"error": {"message": "bad key"}}, {}, 0)])
+@pytest.mark.parametrize(
+    "status, body, error, needle",
+    [
+        (413, "<html>\n<h1>413 Request Entity Too Large</h1>\n</html>", RequestError, "rejected the request: <html> <h1>413 Request Entity Too Large</h1> </html> (HTTP 413)"),
+        (422, {"detail": [{"loc": ["body", "messages"], "msg": "field required"}]}, RequestError, "rejected the request: [{'loc'"),
+        (400, {"error": {"message": "prompt too long"}}, RequestError, "rejected the request: prompt too long (HTTP 400)"),
+        (400, {"error": "context too long"}, RequestError, "rejected the request: context too long (HTTP 400)"),
+        (401, {"error": {"message": "bad key"}}, BackendError, "HTTP 401: bad key"),
+        (403, {"error": {"message": "forbidden"}}, BackendError, "HTTP 403: forbidden"),
+        (404, {"error": {"message": "no model m"}}, BackendError, "HTTP 404: no model m"),
+    ],
+)
+def test_client_errors_are_not_retried_and_only_the_requests_own_fail_just_its_prompt(status, body, error, needle):
+    """413/422/400 are this request's fault (a batch job records it and goes on); 401/403/404 (a wrong
+    key, URL or model) would fail every prompt, so they stay a BackendError. Neither is retried."""
+    server = scripted([(status, body, {}, 0)])
     try:
-        backend = OpenAIBackend(spec(server.url))
-        with pytest.raises(RequestError, match="rejected the request: prompt too long"):
-            chat(backend)
-        with pytest.raises(BackendError, match="HTTP 401: bad key"):
-            chat(backend)
-        assert len(server.requests) == 2
+        with pytest.raises(error) as raised:
+            chat(OpenAIBackend(spec(server.url)))
+        assert type(raised.value) is error and needle in str(raised.value) and "\n" not in str(raised.value)
+        assert len(server.requests) == 1
+    finally:
+        server.close()
+
+
+def test_request_timeout_and_conflict_are_retried():
+    server = scripted([(408, {"error": {"message": "slow"}}, {}, 0), (409, {"error": {"message": "busy"}}, {}, 0)])
+    try:
+        [res] = chat(OpenAIBackend(spec(server.url)))
+        assert res.completions[0].text == "Paris." and len(server.requests) == 3
     finally:
         server.close()
 

@@ -1,12 +1,15 @@
 """The Ray pipeline on a real local cluster: pools as actors, Ray Data stages, sinks, errors per row."""
 
+import asyncio
 import json
+import logging
 
+import numpy as np
 import pytest
 
 from engine.placement import plan_pools
 from conftest import make_config
-from actors.errors import ConfigError
+from actors.errors import BackendError, ConfigError, RequestError
 from engine.inputs import Prompt
 from engine.runner import execute
 from engine.sinks import JsonlSink
@@ -145,3 +148,91 @@ def test_a_model_free_step_rides_in_the_stage_before_it(tiny_model):
         assert [stage[0] for stage in grouped] == list(cfg.spec.stages)  # the modes' stage list is the pipeline's
         if mode == "feedback_edit":
             assert grouped == [["generate"], ["feedback", "filter"], ["edit"], ["select"]]
+
+
+# -- one prompt's failure in a stage is its row's error; a systemic one stops the job (no Ray needed) --
+
+
+class FakeStep:
+    """A step that writes a final answer, or raises `fail(state)` when that returns an exception."""
+
+    calls_model = True
+
+    def __init__(self, name, fail=lambda state: None):
+        self.name, self.fail = name, fail
+
+    async def run(self, state):
+        error = self.fail(state)
+        if error is not None:
+            raise error
+        state.final = f"{self.name} answered {state.id}"
+
+
+def stage_batch(ids, content="Question?"):
+    from engine.rows import PromptState
+
+    states = [PromptState(id=i, messages=[{"role": "user", "content": content}], mode="greedy", config_hash="h") for i in ids]
+    return {"id": np.array(ids), "state": np.array([s.model_dump_json() for s in states])}
+
+
+def run_stage(steps, batch):
+    from engine.pipeline import StageActor
+    from engine.rows import PromptState
+
+    out = asyncio.run(StageActor(steps)(batch))
+    states = [PromptState.model_validate_json(s) for s in out["state"]]
+    assert out["id"] == [s.id for s in states]  # the {id, state} schema, also for error rows
+    return {s.id: s for s in states}
+
+
+@pytest.fixture
+def fescale_log(caplog):
+    """The "fescale" logger's records at DEBUG (the CLI turns its propagation off, so listen on it)."""
+    logger = logging.getLogger("fescale")
+    level = logger.level
+    logger.addHandler(caplog.handler)
+    logger.setLevel(logging.DEBUG)
+    yield caplog
+    logger.removeHandler(caplog.handler)
+    logger.setLevel(level)
+
+
+def test_a_step_that_raises_for_one_prompt_fails_only_its_row(fescale_log):
+    def template_bug(state):
+        if state.id == "p1":
+            return ValueError("Conversation roles must alternate user/assistant\nsecond line of the message")
+        if state.id == "p2":
+            return RequestError("prompt is 700 tokens, the model's context is 512")
+        if state.id == "p3":
+            return KeyError("choices")
+        return None
+
+    rows = run_stage([FakeStep("generate", template_bug), FakeStep("select")], stage_batch(["p0", "p1", "p2", "p3", "p4"]))
+    assert {i: s.final for i, s in rows.items() if s.error is None} == {"p0": "select answered p0", "p4": "select answered p4"}
+    assert rows["p1"].error.model_dump() == {
+        "stage": "generate",
+        "message": "internal error in generate: ValueError: Conversation roles must alternate user/assistant",
+    }
+    assert rows["p2"].error.message == "prompt is 700 tokens, the model's context is 512"
+    assert rows["p3"].error.message == "internal error in generate: KeyError: 'choices'"
+    assert rows["p1"].final is None  # a failed row skips the stage's later steps
+    debug = {r.getMessage() for r in fescale_log.records if r.levelno == logging.DEBUG and r.exc_info}
+    assert debug == {"prompt p1: internal error in generate", "prompt p3: internal error in generate"}  # with tracebacks
+
+
+@pytest.mark.parametrize("error", [BackendError("pool hf:m: a replica is dead and out of restarts"), ConfigError("`x` is wrong")])
+def test_a_systemic_error_in_one_row_stops_the_job(error):
+    with pytest.raises(type(error), match=str(error).replace("`", ".")):
+        run_stage([FakeStep("generate", lambda s: error if s.id == "p1" else None)], stage_batch(["p0", "p1"]))
+
+
+def test_a_state_that_cannot_be_serialized_is_an_error_row_of_its_id():
+    class Surrogate(FakeStep):
+        async def run(self, state):
+            state.final = "half \ud800 an emoji" if state.id == "p1" else "fine"
+
+    rows = run_stage([Surrogate("edit")], stage_batch(["p0", "p1"], content="Question \U0001F600?"))
+    assert rows["p0"].error is None and rows["p0"].final == "fine"
+    assert rows["p1"].error.stage == "edit"
+    assert rows["p1"].error.message.startswith("internal error in edit: PydanticSerializationError: ")
+    assert rows["p1"].messages[0].content == "Question \U0001F600?"  # its prompt kept, for the errors file and summary
