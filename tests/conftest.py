@@ -12,11 +12,13 @@ import os
 from pathlib import Path
 
 import pytest
+from s3_server import CLIENT_ENV, s3_bucket, s3_server  # noqa: F401  (fixtures: a loopback S3 server)
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.update(CLIENT_ENV)  # before Ray starts, so its workers reach the S3 test server (s3_server.py)
 
 
 @pytest.fixture(scope="session")
