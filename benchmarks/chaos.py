@@ -6,8 +6,9 @@ Faults, each on the embedded model on a local Ray cluster:
 - `poison prompts`: prompts that crash their replica every time they reach it
   (`benchmarks.faults.FaultyBackend` around the HF backend); each is tried `pipeline.max_attempts` times alone, then written to the
   errors file while the rest of the run goes on.
-- `crash before manifest line`: `fescale distill` dies between a shard's rename and its manifest line
-  (`python -m benchmarks.faults exit-before-manifest`); the rerun deletes the unlisted shard and redoes its prompts.
+- `distill SIGKILL`: `fescale distill` and its local Ray cluster are SIGKILLed once 2 shards are
+  committed (`benchmarks.faults.kill_distill`); the rerun deletes what no manifest entry lists and
+  redoes those prompts.
 - `flaky endpoint`: every role on the OpenAI backend, through a proxy that answers every 2nd request
   with a 500, a 429 (Retry-After: 1), a reset connection or malformed JSON (in turn), in front of a real
   OpenAI-compatible server (fescale's own Serve app, greedy).
@@ -38,7 +39,7 @@ import ray
 import yaml
 
 from engine.pools import Pools
-from benchmarks.faults import faulty_role
+from benchmarks.faults import faulty_role, kill_distill
 from benchmarks.http_stub import Answer, HttpStub
 from engine.config import load_config
 from engine.inputs import Prompt
@@ -113,15 +114,14 @@ def run_distill_crash(n: int, workdir: Path) -> dict:
     source = workdir / "prompts.jsonl"
     source.write_text("".join(json.dumps({"id": p.id, "prompt": p.messages[0]["content"]}) + "\n" for p in make_prompts(n)))
     out = workdir / "distill"
-    args = ["distill", "--config", str(config), "--input", str(source), "--output-dir", str(out), "--shard-size", "2", "--quiet"]
+    args = ["--config", str(config), "--input", str(source), "--output-dir", str(out), "--shard-size", "2", "--quiet"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": ""}
-    crashing = [sys.executable, "-m", "benchmarks.faults", "exit-before-manifest", "part-00001", "--"]
-    crash = subprocess.run([*crashing, *args], cwd=REPO, env=env, capture_output=True, text=True)
+    kill_distill(args, out, after_shards=2, cwd=REPO, env=env)
     started = time.monotonic()
-    resume = subprocess.run([sys.executable, "-m", "cli", *args], cwd=REPO, env=env, capture_output=True, text=True)
+    resume = subprocess.run([sys.executable, "-m", "cli", "distill", *args], cwd=REPO, env=env, capture_output=True, text=True)
     seconds = time.monotonic() - started
-    if crash.returncode != 1 or resume.returncode != 0:
-        raise RuntimeError(f"distill crash/resume went wrong:\n{crash.stderr[-2000:]}\n{resume.stderr[-2000:]}")
+    if resume.returncode != 0:
+        raise RuntimeError(f"distill resume went wrong:\n{resume.stderr[-2000:]}")
     ids = [json.loads(line)["id"] for f in sorted((out / "data").glob("part-*.jsonl")) for line in open(f)]
     redone = json.loads((out / "summary.json").read_text())["prompts"]
     return {"seconds": seconds, "redone": redone, **tally(ids, [], [f"p{i}" for i in range(n)])}
@@ -219,8 +219,8 @@ def main(argv: list[str] | None = None) -> int:
          f"{killed['summary'].replica_restarts} restarts, {killed['summary'].retries} retried calls"),
         ("poison prompts", str(poison), str(poisoned["lost"]), str(poisoned["duplicated"]), str(poisoned["failed"]), extra(poisoned, clean),
          f"{poisoned['summary'].replica_restarts} restarts; errors file: {'; '.join(poisoned['reasons'])}"),
-        ("crash before manifest line", "1", str(crash["lost"]), str(crash["duplicated"]), "0", f"resume {crash['seconds']:.1f} s",
-         f"rerun redid {crash['redone']} prompts (the unlisted shard's and the rest)"),
+        ("distill SIGKILL", "1", str(crash["lost"]), str(crash["duplicated"]), "0", f"resume {crash['seconds']:.1f} s",
+         f"rerun redid {crash['redone']} prompts (the shards in flight and the rest)"),
         ("flaky endpoint", str(flaky["injected"]), str(flaky["lost"]), str(flaky["duplicated"]), str(flaky["failed"]), extra(flaky, endpoint_clean),
          ", ".join(f"{v}x {k}" for k, v in sorted(flaky["kinds"].items()))),
     ]

@@ -1,14 +1,12 @@
 """Fault injection for the fault-tolerance tests and `benchmarks.chaos`: real crashes, installed from outside.
 
-Production code holds no hooks for this. Faults come in two ways:
-- `FaultyBackend`, a backend that wraps a real one (a role's `backend: benchmarks.faults:FaultyBackend`,
-  found through `actors.registry`). Its `engine_kwargs.faults` say what to do: a request whose
-  messages contain `crash_on` kills the replica process (`os._exit`, a real crash, not a mock); one
-  containing `hang_on` never gets an answer; `inner` names the wrapped backend (default hf). The
-  other `engine_kwargs` go to the inner backend.
-- `python -m benchmarks.faults exit-before-manifest SHARD -- DISTILL ARGS`: runs `fescale distill`
-  in this process and kills it between SHARD's files being renamed into place and its manifest line,
-  the worst instant for the exactly-once guarantee.
+Production code holds no hooks for this. `FaultyBackend` is a backend that wraps a real one (a
+role's `backend: benchmarks.faults:FaultyBackend`, found through `actors.registry`). Its
+`engine_kwargs.faults` say what to do: a request whose messages contain `crash_on` kills the replica
+process (`os._exit`, a real crash, not a mock); one containing `hang_on` never gets an answer;
+`inner` names the wrapped backend (default hf). The other `engine_kwargs` go to the inner backend.
+`kill_distill` runs `fescale distill` and SIGKILLs it (with its local Ray cluster) once it has
+committed some shards: the tests and the chaos benchmark then rerun it and count every prompt once.
 
 Example role:
     generator: {model: embedded, backend: benchmarks.faults:FaultyBackend, engine_kwargs: {faults: {crash_on: POISON}}}
@@ -18,14 +16,16 @@ from __future__ import annotations
 
 import asyncio
 import os
-import runpy
+import signal
+import subprocess
 import sys
+import time
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from actors.backend import Backend, BackendSpec
 from actors.registry import make_backend
-from engine import distill
 
 IMPORT_PATH = "benchmarks.faults:FaultyBackend"
 
@@ -75,21 +75,23 @@ class FaultyBackend(Backend):
         await self.inner.close()
 
 
-def exit_before_manifest(shard: str, argv: list[str]) -> None:
-    """Run the `fescale` command line `argv` in this process; die when `shard` is about to be listed."""
-    append = distill._append
+def kill_distill(args: list[str], out: str, after_shards: int, *, cwd: Path, env: dict, timeout_s: float = 600) -> int:
+    """Run `fescale distill ARGS` (writing to `out`, a path or URI), SIGKILL its process group once
+    `after_shards` shards are committed, and return how many were committed at the kill."""
+    from engine.storage import listing, resolve
 
-    def dying_append(path, entry: dict) -> None:
-        if entry.get("shard") == shard:
-            os._exit(1)
-        append(path, entry)
-
-    distill._append = dying_append
-    sys.argv = ["fescale", *argv]
-    runpy.run_module("cli", run_name="__main__")  # the command line, as `python -m cli` runs it
-
-
-if __name__ == "__main__":
-    if len(sys.argv) < 4 or sys.argv[1] != "exit-before-manifest" or sys.argv[3] != "--":
-        sys.exit("usage: python -m benchmarks.faults exit-before-manifest SHARD -- DISTILL ARGS")
-    exit_before_manifest(sys.argv[2], sys.argv[4:])
+    manifest = resolve(str(out)).join("manifest")
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "distill", *args], cwd=cwd, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            committed = sum(name.endswith(".json") for name, _ in listing(manifest))
+            if committed >= after_shards:
+                return committed
+            time.sleep(0.1)
+        raise RuntimeError(f"distill ended (exit {proc.returncode}) or timed out before {after_shards} shards were committed")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

@@ -29,8 +29,8 @@ from engine.pools import Pools
 from benchmarks.record import record
 from benchmarks.workload import QUICK, prompts
 from engine.config import FescaleConfig, load_config
-from engine.distill import ShardSink
 from engine.runner import execute, init_ray
+from engine.sinks import JsonlSink
 from engine.summary import Summary, format_table
 
 SETUPS = {
@@ -54,8 +54,8 @@ def measure(cfg: FescaleConfig, batch, warmup, multi_node: bool) -> dict:
     try:
         with Pools(cfg) as pools, tempfile.TemporaryDirectory(prefix="fescale-scaling-") as out:
             nodes = sorted({info["node"] for info in ray.get([r.ready.remote() for group in pools.replicas.values() for r in group])})
-            execute(cfg, warmup, ShardSink(Path(out) / "warmup", "", [], 64, 60.0), Summary(cfg.mode, ""), pools=pools, progress=False)
-            sink = ShardSink(Path(out) / "run", cfg.config_hash(), [], 64, 60.0)
+            execute(cfg, warmup, JsonlSink(Path(out) / "warmup.jsonl", []), Summary(cfg.mode, ""), pools=pools, progress=False)
+            sink = JsonlSink(Path(out) / "run.jsonl", [])
             summary = execute(cfg, batch, sink, Summary(cfg.mode, ""), pools=pools, progress=False)
     finally:
         ray.shutdown()

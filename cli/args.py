@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import math
-from typing import Callable, TypeVar
+from typing import Callable
 
-Number = TypeVar("Number", int, float)
 SET_HELP = "override a key, e.g. --set {example} (repeatable; the value is YAML)"
 
 
@@ -36,25 +34,15 @@ def add_command(sub: argparse._SubParsersAction, name: str, func: Callable[[argp
     return p
 
 
-def _number(text: str, convert: Callable[[str], Number], kind: str, ok: Callable[[Number], bool], rule: str) -> Number:
-    """`text` converted, or an ArgumentTypeError argparse turns into a usage error naming the flag."""
-    try:
-        value = convert(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not {kind}") from None
-    if not ok(value):
-        raise argparse.ArgumentTypeError(f"must be {rule}, got {text[:40]}")
-    return value
-
-
 def positive_int(text: str) -> int:
-    """An argparse type: a whole number >= 1."""
-    return _number(text, int, "a whole number", lambda v: v >= 1, "at least 1")
-
-
-def positive_float(text: str) -> float:
-    """An argparse type: a finite number > 0."""
-    return _number(text, float, "a number", lambda v: math.isfinite(v) and v > 0, "a finite number above 0")
+    """An argparse type: a whole number >= 1 (an ArgumentTypeError is argparse's usage error naming the flag)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text[:40]}")
+    return value
 
 
 def add_set(p: argparse.ArgumentParser, example: str, flag: str = "--set", what: str = "") -> None:

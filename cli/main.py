@@ -19,12 +19,12 @@ import signal
 import sys
 from pathlib import Path
 
-from actors.errors import FescaleError
-from cli.args import add_address, add_command, add_config, add_limit, add_quiet, add_set, positive_float, positive_int
+from actors.errors import ConfigError, FescaleError
+from cli.args import add_address, add_command, add_config, add_limit, add_quiet, add_set, positive_int
 from cli.bench import add_bench_parser, add_sweep_parser
 from engine.config import available_configs, load_config, resolve_config_path
 from engine.inputs import DEMO_PROMPTS
-from engine.planner import CLUSTER_HELP, plan_command
+from engine.planner import CLUSTER_HELP
 from train.config import STAGES
 
 log = logging.getLogger("fescale")
@@ -58,10 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_batch_args(distill)
     add_limit(distill)
     add_quiet(distill)
-    distill.add_argument("--input", required=True, help="prompt file (as for run)")
-    distill.add_argument("--output-dir", required=True, help="directory for shards, manifest, SFT data and errors")
-    distill.add_argument("--shard-size", type=positive_int, default=64, help="prompts per shard [64]")
-    distill.add_argument("--flush-interval", type=positive_float, default=60.0, help="commit a partial shard after this many seconds [60]")
+    distill.add_argument("--input", required=True, help="prompt file or folder, local or a URI (s3://..., gs://...): JSONL (.gz) or Parquet, shapes as for run")
+    distill.add_argument("--output-dir", required=True, help="folder or URI for shards, manifest, SFT data and errors")
+    distill.add_argument("--format", choices=["jsonl", "parquet"], default="jsonl", help="shard file format [jsonl]")
+    distill.add_argument("--shard-size", type=positive_int, default=64, help="prompts per shard: a kill redoes at most the shards in flight [64]")
 
     serve = add_command(sub, "serve", cmd_serve)
     _add_batch_args(serve)
@@ -150,31 +150,24 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    """mass-produce distillation data: shards + manifest, resumable
+    """mass-produce distillation data: shards + manifest on any filesystem, resumable
 
-    Large jobs: rerunning the same command after a crash or `ray job stop` skips prompts already
-    written; every prompt ends up exactly once.
+    Large jobs (also under `ray job submit`): the input is read and the shards are written by the
+    workers, on local paths or URIs (s3://, gs://, ...). Rerunning the same command after a crash,
+    a kill or `ray job stop` skips the prompts already committed; every prompt ends up exactly once,
+    in the output or, with its reason, in the errors. A second job on the same output is refused.
     """
-    from engine.distill import ShardSink
-    from engine.runner import execute, init_ray
-    from engine.summary import Summary
+    from engine.distill import distill
 
-    loaded = _load(args)
-    if loaded is None:
+    cfg = load_config(args.config, args.set)
+    if args.print_config:
+        print(cfg.to_yaml())
         return 0
-    cfg, prompts, input_errors = loaded
-    out = Path(args.output_dir)
-    sink = ShardSink(out, cfg.config_hash(), input_errors, args.shard_size, args.flush_interval)
-    (out / "config.yaml").write_text(cfg.to_yaml())
-    todo = [p for p in prompts if p.id not in sink.done_ids]
-    log.info("%d prompts: %d already written by an earlier run, %d to go", len(prompts), len(prompts) - len(todo), len(todo))
-    summary = Summary(cfg.mode, cfg.config_hash(), input_errors=len(input_errors), resumed=len(prompts) - len(todo))
-    signal.signal(signal.SIGTERM, _interrupt)  # `ray job stop`: commit finished rows, then exit
-    init_ray(cfg, args.address)
-    execute(cfg, todo, sink, summary, progress=not args.quiet)
-    (out / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2))
+    signal.signal(signal.SIGTERM, _interrupt)  # `ray job stop`: release the output lock, then exit
+    summary = distill(cfg, args.input, args.output_dir, fmt=args.format, shard_size=args.shard_size, limit=args.limit,
+                      address=args.address, progress=not args.quiet)  # fmt: skip
     print(summary.table())
-    print(f"\nwrote {out}/ (data/, sft/, errors/, manifest.jsonl, summary.json)")
+    print(f"\nwrote {args.output_dir}/ (data/, sft/, errors/, manifest/, summary.json)")
     return 0
 
 
@@ -247,7 +240,20 @@ def cmd_plan(args: argparse.Namespace) -> int:
     lands on, and whether it all fits. Exits 2, saying what to change, when it does not. Starts
     nothing.
     """
-    return plan_command(args.config, args.set, args.cluster)
+    from engine.modes import MAX_STAGES
+    from engine.placement import plan_pools
+    from engine.planner import parse_cluster, plan_cluster
+
+    cfg = load_config(args.config, args.set)
+    cluster = parse_cluster(args.cluster)
+    plan = plan_cluster(cfg, plan_pools(cfg).values(), cluster, stage_actors=MAX_STAGES * cfg.pipeline.stage_actors)
+    print(f"fescale plan: {args.config} (mode {cfg.mode}) on {cluster.text}: {cluster.describe()}\n")
+    print(plan.table())
+    print()
+    if not plan.fits:
+        raise ConfigError(plan.verdict())
+    print(plan.verdict())
+    return 0
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:

@@ -1,16 +1,21 @@
-"""Distillation output: shards plus a manifest, resumable with every prompt exactly once.
+"""`fescale distill`: mass-produce output and SFT data on any filesystem, resumable, every prompt once.
 
-Layout of `--output-dir D`:
-    D/manifest.jsonl        header line, then one line per committed shard: {shard, ids, failed}
-    D/data/part-NNNNN.jsonl output rows            D/sft/part-NNNNN.jsonl  SFT rows ({id, messages})
-    D/errors/part-NNNNN.jsonl prompts a stage failed   D/errors/input.jsonl  malformed input rows
-    D/summary.json          the last run's summary
+Layout of `--output-dir OUT` (a local path or a URI such as s3://bucket/run):
+    OUT/job.json             the job's config hash and format (a resume must match them)
+    OUT/config.yaml          the resolved config
+    OUT/manifest/NAME.json   one per committed shard: its ids, failed ids and row counts
+    OUT/data/NAME.EXT        output rows (EXT: jsonl or parquet, `--format`)
+    OUT/sft/NAME.EXT         SFT rows ({id, messages} ending with the final answer)
+    OUT/errors/NAME.jsonl    prompts that failed ({id, stage, error}; malformed input rows have stage
+                             "input" and id SOURCE:LINE)
+    OUT/summary.json         the last run's summary
+    OUT/_fescale.lock        while a job runs (a second job on OUT is refused)
 
-A shard commits in this order: each file is written under a temporary name, fsynced and renamed,
-then the manifest line is appended and fsynced. The manifest is the truth: on resume, ids listed
-in it are skipped, shard files it does not list (a crash between rename and append) are deleted,
-and a torn last manifest line is ignored. So a crash at any instant loses at most the rows not yet
-committed, which the rerun redoes, and no row is ever written twice.
+Shards are written on the workers (`engine.shards.WriteShards`); the manifest entries are the truth.
+On (re)start the job verifies every listed shard (its files present with the listed row counts),
+skips the ids it lists, and deletes only files that carry fescale's shard naming pattern and no
+manifest entry (a kill between a shard's files and its entry). Any other file under OUT is left
+where it is. So a kill at any instant loses at most the shards in flight, which the rerun redoes.
 """
 
 from __future__ import annotations
@@ -18,119 +23,131 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import time
-from pathlib import Path
-from typing import IO, Callable
+from collections import Counter
 
-from actors.errors import ConfigError
-from engine.inputs import InputErrorRow
-from engine.rows import PromptState
-from engine.sinks import write_lines
+from actors.errors import BackendError, ConfigError
+from engine.config import FescaleConfig
+from engine.runner import init_ray, run_stream
+from engine.shards import SHARD_NAME, SUBDIRS, Format, WriteShards, count_rows
+from engine.sources import read_input
+from engine.storage import Location, OutputLock, delete, listing, read_bytes, resolve, write_bytes
+from engine.summary import Summary
 
 log = logging.getLogger("fescale")
-
-SUBDIRS = ("data", "sft", "errors")
-
-
-class ShardSink:
-    def __init__(self, out_dir: Path, config_hash: str, input_errors: list[InputErrorRow], shard_size: int, flush_interval_s: float):
-        self.dir = out_dir
-        self.shard_size = shard_size
-        self.flush_interval_s = flush_interval_s
-        self.manifest = out_dir / "manifest.jsonl"
-        self.done_ids, shards = read_manifest(self.manifest, config_hash)
-        for sub in SUBDIRS:
-            (out_dir / sub).mkdir(parents=True, exist_ok=True)
-        remove_orphans(out_dir, shards)
-        self.next_shard = max((int(s.removeprefix("part-")) for s in shards), default=-1) + 1
-        if not self.manifest.exists():
-            _append(self.manifest, {"kind": "header", "config_hash": config_hash, "created": time.time()})
-        _atomic_write(out_dir / "errors" / "input.jsonl", [e.to_json() for e in input_errors])
-        self.buffer: list[PromptState] = []
-        self.last_commit = time.monotonic()
-
-    def write(self, states: list[PromptState]) -> None:
-        self.buffer.extend(states)
-        while len(self.buffer) >= self.shard_size:
-            self._commit(self.buffer[: self.shard_size])
-            self.buffer = self.buffer[self.shard_size :]
-        if self.buffer and time.monotonic() - self.last_commit >= self.flush_interval_s:
-            self._commit(self.buffer)
-            self.buffer = []
-
-    def close(self) -> None:
-        if self.buffer:
-            self._commit(self.buffer)
-            self.buffer = []
-
-    def _commit(self, states: list[PromptState]) -> None:
-        name = f"part-{self.next_shard:05d}"
-        ok = [s for s in states if s.error is None]
-        failed = [s for s in states if s.error is not None]
-        _atomic_write(self.dir / "data" / f"{name}.jsonl", [s.output_row() for s in ok])
-        _atomic_write(self.dir / "sft" / f"{name}.jsonl", [s.sft_row() for s in ok])
-        _atomic_write(self.dir / "errors" / f"{name}.jsonl", [s.error_row() for s in failed])
-        _append(self.manifest, {"kind": "shard", "shard": name, "ids": [s.id for s in ok], "failed": [s.id for s in failed]})
-        self.done_ids.update(s.id for s in states)
-        self.next_shard += 1
-        self.last_commit = time.monotonic()
-        log.debug("committed %s: %d rows, %d failed", name, len(ok), len(failed))
+ALL_FAILED_AFTER = 32  # this many finished prompts, none answered: the job is broken, not the prompts
 
 
-def read_manifest(path: Path, config_hash: str) -> tuple[set[str], list[str]]:
-    """(ids already committed, shard names committed); checks the job's config did not change."""
+def committed(out: Location, fmt: Format) -> tuple[set[str], set[str]]:
+    """(ids done, shard names) of the verified manifest entries; an entry whose files are missing
+    or short is dropped (its prompts are redone) with a warning."""
     done: set[str] = set()
-    shards: list[str] = []
-    if not path.exists():
-        return done, shards
-    lines = path.read_text(encoding="utf-8").splitlines()
-    for i, line in enumerate(lines):
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:  # torn by a crash mid-append: that shard never committed
-                log.warning("dropping a torn last line of %s (an interrupted commit)", path)
-                _replace(path, lambda f: f.writelines(line + "\n" for line in lines[:i]))
-                break
-            raise ConfigError(f"{path}:{i + 1} is corrupt; this output directory cannot be resumed") from None
-        if entry.get("kind") == "header":
-            if entry["config_hash"] != config_hash:
-                raise ConfigError(
-                    f"{path.parent} was written with config {entry['config_hash']}, this run's config is {config_hash}; "
-                    "resume with the same config and overrides, or choose a new --output-dir"
-                )
-        elif entry.get("kind") == "shard":
-            shards.append(entry["shard"])
-            done.update(entry["ids"])
-            done.update(entry["failed"])
+    shards: set[str] = set()
+    for name, _ in listing(out.join("manifest")):
+        match = SHARD_NAME.match(name)
+        if not match or not name.endswith(".json"):
+            continue
+        shard = match.group(1)
+        entry = json.loads(read_bytes(out.join("manifest", name)) or b"{}")
+        problem = _verify(out, shard, entry, fmt)
+        if problem:
+            log.warning("shard %s is listed but %s; dropping its entry and redoing its prompts", shard, problem)
+            delete(out.join("manifest", name))
+            continue
+        shards.add(shard)
+        done.update(entry["ids"])
+        done.update(entry["failed"])
     return done, shards
 
 
-def remove_orphans(out_dir: Path, committed: list[str]) -> None:
-    keep = {f"{s}.jsonl" for s in committed} | {"input.jsonl"}
+def _verify(out: Location, shard: str, entry: dict, fmt: Format) -> str | None:
+    for sub, rows in entry.get("rows", {}).items():
+        ext = "jsonl" if sub == "errors" else fmt
+        data = read_bytes(out.join(sub, f"{shard}.{ext}"))
+        if data is None:
+            return f"{sub}/{shard}.{ext} is missing"
+        if count_rows(data, ext) != rows:
+            return f"{sub}/{shard}.{ext} does not hold its {rows} rows"
+    return None
+
+
+def remove_orphans(out: Location, shards: set[str]) -> None:
+    """Delete shard files no manifest entry lists (a kill mid-commit); never anything not fescale's."""
     for sub in SUBDIRS:
-        for f in (out_dir / sub).iterdir():
-            if f.name not in keep:
-                log.info("removing %s: not in the manifest (an interrupted commit)", f)
-                f.unlink()
+        for name, _ in listing(out.join(sub)):
+            match = SHARD_NAME.match(name)
+            if match and match.group(1) not in shards:
+                log.info("removing %s/%s: not in the manifest (an interrupted commit)", sub, name)
+                delete(out.join(sub, name))
 
 
-def _atomic_write(path: Path, rows: list[dict]) -> None:
-    _replace(path, lambda f: write_lines(f, rows))
+def open_job(out: Location, cfg: FescaleConfig, fmt: Format) -> None:
+    """Check a resumed job is the same job (config and format), or record a new one."""
+    if read_bytes(out.join("manifest.jsonl")) is not None:
+        raise ConfigError(f"{out} was written by an older fescale (manifest.jsonl); choose a new --output-dir")
+    job = {"config_hash": cfg.config_hash(), "format": fmt}
+    found = read_bytes(out.join("job.json"))
+    if found is None:
+        write_bytes(out.join("job.json"), json.dumps({**job, "created": time.time()}).encode())
+        write_bytes(out.join("config.yaml"), cfg.to_yaml().encode())
+        return
+    previous = json.loads(found)
+    if previous.get("config_hash") != job["config_hash"]:
+        raise ConfigError(
+            f"{out} was written with config {previous.get('config_hash')}, this run's config is {job['config_hash']}; "
+            "resume with the same config and overrides, or choose a new --output-dir"
+        )
+    if previous.get("format") != fmt:
+        raise ConfigError(f"{out} holds --format {previous.get('format')} shards; resume with the same --format or choose a new --output-dir")
 
 
-def _replace(path: Path, fill: Callable[[IO[str]], None]) -> None:
-    """Write a file under a temporary name, fsync it, then rename it over `path`."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        fill(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def distill(
+    cfg: FescaleConfig,
+    input_uri: str,
+    output_uri: str,
+    *,
+    fmt: Format = "jsonl",
+    shard_size: int = 64,
+    limit: int | None = None,
+    address: str | None = None,
+    progress: bool = True,
+) -> Summary:
+    """Run the config over every prompt of `input_uri` not yet committed under `output_uri`."""
+    out = resolve(output_uri)
+    owner = {"host": socket.gethostname(), "pid": os.getpid(), "ray_job": _submission_id(), "started": time.time()}
+    with OutputLock(out, owner):
+        open_job(out, cfg, fmt)
+        done, shards = committed(out, fmt)
+        remove_orphans(out, shards)
+        init_ray(cfg, address)
+        rows, counts = read_input(input_uri, cfg.mode, cfg.config_hash(), done, limit, cfg.pipeline.stage_num_cpus)
+        log.info(
+            "%d prompts: %d already written by an earlier run, %d to go (%d malformed input rows)",
+            counts.prompts + counts.resumed, counts.resumed, counts.prompts, counts.input_errors,
+        )
+        summary = Summary(cfg.mode, cfg.config_hash(), input_errors=counts.input_errors, resumed=counts.resumed)
+        failures: Counter = Counter()
+
+        def on_batch(batch) -> int:
+            for stats in map(json.loads, batch["stats"]):
+                if stats.get("stage") == "input":
+                    continue
+                summary.add_stats(stats)
+                if stats["failed"]:
+                    failures[stats["error"]] += 1
+            if summary.prompts == 0 and summary.failed >= ALL_FAILED_AFTER:
+                reason, n = failures.most_common(1)[0]
+                raise BackendError(f"the first {summary.failed} prompts all failed ({n} with: {reason}); stopping instead of failing every prompt")
+            return len(batch["id"])
+
+        writer = dict(fn=WriteShards, fn_constructor_kwargs={"out": out, "fmt": fmt, "config_hash": cfg.config_hash()})
+        run_stream(cfg, rows, counts.prompts + counts.input_errors, summary, on_batch, finish=(writer, shard_size), progress=progress)
+        write_bytes(out.join("summary.json"), json.dumps(summary.to_dict(), indent=2).encode())
+    return summary
 
 
-def _append(path: Path, entry: dict) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(entry) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+def _submission_id() -> str | None:
+    """The `ray job submit` id this driver runs under (Ray passes it in the job config), for the lock."""
+    config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    return (config.get("metadata") or {}).get("job_submission_id")

@@ -6,9 +6,10 @@ replica, all of a replica's GPUs on one node), the weights and KV cache per GPU 
 config.json at its tensor-parallel size, and which node each replica and Ray Data stage actor lands
 on; then whether it fits, or every reason it does not with what to change.
 
-The pools' engine runs the same check before it reserves anything when a config declares GPUs,
-against the nodes Ray reports; Ray does not know GPU memory, so there the memory columns are
-computed but only `fescale plan --cluster` checks them.
+The engine runs the same check before it reserves anything, against the nodes Ray reports: a batch
+job with its stage actors (a cluster whose CPUs the replicas take would leave the stream waiting
+forever), the pools alone when a config declares GPUs. Ray does not know GPU memory, so there the
+memory columns are computed but only `fescale plan --cluster` checks them.
 
 Memory per GPU of a replica (decimal GB, 1 GB = 1e9 bytes):
 - weights = parameters x bytes of the dtype / TP;
@@ -36,10 +37,9 @@ from pathlib import Path
 from typing import Iterable
 
 from actors.vllm_backend import engine_args
-from engine.config import CONFIGS_DIR, FescaleConfig, load_config
-from engine.placement import PoolLayout, plan_pools
+from engine.config import CONFIGS_DIR, FescaleConfig
+from engine.placement import PoolLayout
 from actors.errors import ConfigError
-from engine.modes import MAX_STAGES
 from engine.model_memory import GB, ModelFacts, dtype_bytes, load_facts
 from engine.summary import format_table
 
@@ -229,34 +229,20 @@ def plan_cluster(
             needed = sum(1 for held in _pack(fitting, cluster.nodes[:1] * len(fitting))[0] if held)
             fix = f"use {needed} such nodes (--cluster {_with_nodes(cluster.text, needed)})"
         replicas = {p.key: p.replicas for p in plans}
-        keys = sorted({_smaller(i.key, replicas.get(i.key, 1)) for i in unplaced})
+        keys = sorted({_smaller(i, replicas.get(i.key, 1)) for i in unplaced})
         problems.append(f"no room left for {labels} ({cluster.describe()}); {fix}, or lower {' / '.join(keys)}")
     return ClusterPlan(cluster, plans, nodes, problems)
 
 
-def check_cluster(cfg: FescaleConfig, pools: Iterable[PoolLayout]) -> None:
-    """The engine's check before it reserves anything: a `ConfigError` listing why the pools cannot
-    run on the live Ray cluster (no node big enough for a replica, not enough nodes, a TP size the
-    model's heads do not split into)."""
-    plan = plan_cluster(cfg, pools, cluster_from_ray(), need_facts=False)
+def check_cluster(cfg: FescaleConfig, pools: Iterable[PoolLayout], stage_actors: int = 0) -> None:
+    """The engine's check before it reserves anything: a `ConfigError` listing why the pools (and a
+    stream's `stage_actors`) cannot run on the live Ray cluster (no node big enough for a replica, not
+    enough nodes or CPUs left for the stages, a TP size the model's heads do not split into), instead
+    of a job that waits forever for resources a replica holds."""
+    plan = plan_cluster(cfg, pools, cluster_from_ray(), stage_actors, need_facts=False)
     if not plan.fits:
         raise ConfigError(plan.verdict())
     log.info("placement check: %s (GPU memory is checked by `fescale plan --cluster`)", plan.verdict())
-
-
-def plan_command(config: str, overrides: list[str], cluster_text: str) -> int:
-    """`fescale plan`: print the plan; a `ConfigError` (exit 2) when the config does not fit."""
-
-    cfg = load_config(config, overrides)
-    cluster = parse_cluster(cluster_text)
-    plan = plan_cluster(cfg, plan_pools(cfg).values(), cluster, stage_actors=MAX_STAGES * cfg.pipeline.stage_actors)
-    print(f"fescale plan: {config} (mode {cfg.mode}) on {cluster.text}: {cluster.describe()}\n")
-    print(plan.table())
-    print()
-    if not plan.fits:
-        raise ConfigError(plan.verdict())
-    print(plan.verdict())
-    return 0
 
 
 # -- pieces -------------------------------------------------------------------------------------
@@ -352,11 +338,11 @@ def _pack(items: list[Item], nodes: Iterable[NodeSpec]) -> tuple[list[list[Item]
     return placed, unplaced
 
 
-def _smaller(key: str, replicas: int) -> str:
-    """The setting that shrinks an item: a pool's replicas, else its tensor-parallel size; stage actors."""
-    if not key.startswith("roles."):
-        return "pipeline.stage_actors"
-    return f"{key}.replicas" if replicas > 1 else f"{key}.num_gpus"
+def _smaller(item: Item, replicas: int) -> str:
+    """The setting that shrinks an item: a pool's replicas, else its GPUs or CPUs; the stage actors'."""
+    if not item.key.startswith("roles."):
+        return "pipeline.stage_actors / pipeline.stage_num_cpus"
+    return f"{item.key}.replicas" if replicas > 1 else f"{item.key}.{'num_gpus' if item.gpus else 'num_cpus'}"
 
 
 def _with_nodes(text: str, count: int) -> str:

@@ -20,6 +20,7 @@ from engine.inputs import Prompt
 from engine.modes import MAX_STAGES
 from engine.pipeline import build_pipeline, to_dataset
 from engine.placement import plan_pools, reserved_resources
+from engine.planner import check_cluster
 from engine.pools import Pools
 from engine.rows import Message, PromptState
 from engine.sinks import Sink
@@ -73,32 +74,59 @@ def execute(
     progress: bool = True,
     on_rows: Callable[[list[PromptState]], None] | None = None,
 ) -> Summary:
-    """Run every prompt through the mode's stages into `sink`; returns the completed summary.
+    """Run prompts held by the driver through the mode's stages into a driver-side `sink`
+    (`fescale run`, the benchmarks); returns the completed summary."""
+    states = new_states(cfg, prompts)
+
+    def on_batch(batch) -> int:
+        done = [PromptState.model_validate_json(s) for s in batch["state"]]
+        sink.write(done)
+        summary.add(done)
+        if on_rows:
+            on_rows(done)
+        return len(done)
+
+    try:
+        if states:
+            run_stream(cfg, to_dataset(states, cfg.pipeline.batch_size), len(states), summary, on_batch, pools=pools, progress=progress)
+    finally:
+        sink.close()  # commits what finished, also when interrupted
+        summary.finish()
+    return summary
+
+
+def run_stream(
+    cfg: FescaleConfig,
+    rows: ray.data.Dataset,
+    total: int,
+    summary: Summary,
+    on_batch: Callable[[dict], int],
+    *,
+    pools: Pools | None = None,
+    progress: bool = True,
+    finish: tuple[dict, int] | None = None,
+) -> None:
+    """Stream pipeline rows `{id, state}` through the mode's stages; `on_batch` hears each finished
+    batch and says how many prompts it held (the progress bar). `finish` = (map_batches arguments,
+    batch size) of a last stage that consumes the rows where they are (the distill writers).
 
     Starts the config's pools (and stops them after) unless running `pools` are passed in.
     """
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # fescale shows one bar in prompts, not one per operator
     ctx.print_on_execution_start = False
-    states = new_states(cfg, prompts)
-    try:
-        if states:
-            with contextlib.ExitStack() as stack:
-                if pools is None:
-                    pools = stack.enter_context(Pools(cfg))
-                summary.loaded()
-                steps = build_steps(cfg, pools.clients().for_config(cfg))
-                ds = build_pipeline(to_dataset(states, cfg.pipeline.batch_size), steps, cfg.pipeline)
-                with tqdm(total=len(states), desc=f"fescale {cfg.mode}", unit="prompt", disable=not progress) as bar:
-                    for batch in _surface_fescale_errors(ds.iter_batches(batch_size=None, batch_format="numpy")):
-                        done = [PromptState.model_validate_json(s) for s in batch["state"]]
-                        sink.write(done)
-                        summary.add(done)
-                        if on_rows:
-                            on_rows(done)
-                        bar.update(len(done))
-                summary.faults(pools.fault_counts())
-    finally:
-        sink.close()  # commits what finished, also when interrupted
-        summary.finish()
-    return summary
+    with contextlib.ExitStack() as stack:
+        if pools is None:
+            stage_actors = (len(cfg.spec.stages) + (finish is not None)) * cfg.pipeline.stage_actors
+            check_cluster(cfg, plan_pools(cfg).values(), stage_actors)
+            pools = stack.enter_context(Pools(cfg))
+        summary.loaded()
+        ds = build_pipeline(rows, build_steps(cfg, pools.clients().for_config(cfg)), cfg.pipeline)
+        if finish is not None:
+            stage, batch_size = finish
+            ds = ds.map_batches(**stage, batch_size=batch_size, batch_format="numpy", num_cpus=cfg.pipeline.stage_num_cpus,
+                                compute=ray.data.ActorPoolStrategy(size=cfg.pipeline.stage_actors))  # fmt: skip
+        with tqdm(total=total, desc=f"fescale {cfg.mode}", unit="prompt", disable=not progress) as bar:
+            for batch in _surface_fescale_errors(ds.iter_batches(batch_size=None, batch_format="numpy")):
+                bar.update(on_batch(batch))
+        summary.faults(pools.fault_counts())

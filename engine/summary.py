@@ -33,23 +33,20 @@ class Summary:
 
     def add(self, states: list[PromptState]) -> None:
         for s in states:
-            if s.error is not None:
-                self.failed += 1
-                continue
-            self.prompts += 1
-            for stage, usage in s.usage.items():
-                t = self.tokens.setdefault(stage, {"prompt_tokens": 0, "completion_tokens": 0})
-                t["prompt_tokens"] += usage.prompt_tokens
-                t["completion_tokens"] += usage.completion_tokens
-            for c in s.candidates:
-                self.responses += 1
-                self.feedback += len(c.feedback)
-                self.feedback_perfect += sum(f.level == "perfectly" for f in c.feedback)
-                self.feedback_unparseable += sum(f.level is None for f in c.feedback)
-                self.feedback_kept += sum(f.kept for f in c.feedback)
-                self.feedback_sets += len(c.feedback_sets)
-                self.edits += len(c.edits)
-                self.responses_unedited += bool(c.feedback) and not c.feedback_sets
+            self.add_stats(row_stats(s))
+
+    def add_stats(self, stats: dict) -> None:
+        """One prompt's counts (`row_stats`), as the distill job's writers send them back."""
+        if stats["failed"]:
+            self.failed += 1
+            return
+        self.prompts += 1
+        for stage, usage in stats["tokens"].items():
+            t = self.tokens.setdefault(stage, {"prompt_tokens": 0, "completion_tokens": 0})
+            t["prompt_tokens"] += usage["prompt_tokens"]
+            t["completion_tokens"] += usage["completion_tokens"]
+        for key in COUNTED:
+            setattr(self, key, getattr(self, key) + stats[key])
 
     def faults(self, counts: dict[str, int]) -> None:
         self.replica_restarts, self.retries = counts["restarts"], counts["retries"]
@@ -86,6 +83,28 @@ class Summary:
         rows.append(("faults", f"{self.replica_restarts} replica restarts, {self.retries} retried calls"))
         rows.append(("time", f"{d['load_s']}s loading models, {d['wall_s']}s pipeline, {d['tokens_per_s']} generated tok/s"))
         return format_table(["run summary", ""], rows)
+
+
+COUNTED = ("responses", "feedback", "feedback_perfect", "feedback_unparseable", "feedback_kept", "feedback_sets", "edits", "responses_unedited")
+
+
+def row_stats(s: PromptState) -> dict:
+    """What the summary counts of one finished prompt: small enough to send back instead of the row."""
+    if s.error is not None:
+        return {"failed": True, "stage": s.error.stage, "error": s.error.message.splitlines()[0] if s.error.message else ""}
+    feedback = [f for c in s.candidates for f in c.feedback]
+    return {
+        "failed": False,
+        "tokens": {stage: u.model_dump() for stage, u in s.usage.items()},
+        "responses": len(s.candidates),
+        "feedback": len(feedback),
+        "feedback_perfect": sum(f.level == "perfectly" for f in feedback),
+        "feedback_unparseable": sum(f.level is None for f in feedback),
+        "feedback_kept": sum(f.kept for f in feedback),
+        "feedback_sets": sum(len(c.feedback_sets) for c in s.candidates),
+        "edits": sum(len(c.edits) for c in s.candidates),
+        "responses_unedited": sum(bool(c.feedback) and not c.feedback_sets for c in s.candidates),
+    }
 
 
 def results_table(states: list[PromptState], width: int = 60) -> str:

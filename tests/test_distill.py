@@ -1,18 +1,24 @@
-"""Distillation output: atomic shards, the manifest as the truth, resume with every prompt exactly once."""
+"""Distillation output: shards written where they are made, manifest entries as the truth, resume with
+every prompt exactly once, and nothing deleted that fescale did not write."""
 
 import json
 import os
 import subprocess
 import sys
 
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import REPO
-from engine.distill import ShardSink
 from actors.errors import ConfigError
-from engine.inputs import InputErrorRow
+from benchmarks.faults import kill_distill
+from conftest import REPO
+from engine.config import load_config
+from engine.distill import committed, open_job, remove_orphans
 from engine.rows import Message, PromptState, RowError
+from engine.shards import OUTPUT_SCHEMA, WriteShards
+from engine.storage import resolve
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": ""}
 
@@ -24,114 +30,153 @@ def done(i, error=False):
     return s
 
 
-def all_ids(out):
-    ids = []
-    for f in sorted((out / "data").glob("part-*.jsonl")):
-        ids += [json.loads(line)["id"] for line in open(f)]
-    return ids
+def write_shard(out, states, fmt="jsonl"):
+    batch = {"id": np.array([s.id for s in states]), "state": np.array([s.model_dump_json() for s in states])}
+    return WriteShards(resolve(str(out)), fmt, "h")(batch)
 
 
-def test_shards_commit_by_size_and_on_close(tmp_path):
-    sink = ShardSink(tmp_path, "h", [InputErrorRow("in.jsonl", 3, "bad")], shard_size=2, flush_interval_s=1e9)
-    sink.write([done(0), done(1), done(2, error=True)])
-    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["part-00000.jsonl"]
-    sink.write([done(3)])
-    sink.close()
-    assert all_ids(tmp_path) == ["p0", "p1", "p3"]
-    assert [json.loads(line)["id"] for line in open(tmp_path / "errors" / "part-00001.jsonl")] == ["p2"]
-    assert json.loads(open(tmp_path / "errors" / "input.jsonl").readline())["line"] == 3
-    sft = json.loads(open(tmp_path / "sft" / "part-00000.jsonl").readline())
-    assert sft["messages"][-1] == {"role": "assistant", "content": "a0"}
-    assert ShardSink(tmp_path, "h", [], 2, 1e9).done_ids == {"p0", "p1", "p2", "p3"}
+def data_ids(out, fmt="jsonl"):
+    if fmt == "parquet":
+        return sorted(pq.read_table(out / "data").column("id").to_pylist())
+    return sorted(json.loads(line)["id"] for f in (out / "data").glob("part-*.jsonl") for line in open(f))
 
 
-def test_resume_ignores_uncommitted_files_and_a_torn_manifest_line(tmp_path):
-    sink = ShardSink(tmp_path, "h", [], shard_size=2, flush_interval_s=1e9)
-    sink.write([done(0), done(1)])
-    # A crash after the rename but before the manifest append leaves an orphan shard ...
-    (tmp_path / "data" / "part-00001.jsonl").write_text(json.dumps({"id": "p2"}) + "\n")
-    (tmp_path / "data" / ".part-00002.jsonl.tmp").write_text("partial")
-    # ... and a crash mid-append leaves a torn last line.
-    with open(tmp_path / "manifest.jsonl", "a") as f:
-        f.write('{"kind": "shard", "shard": "part-00001", "ids": ["p2"')
-    resumed = ShardSink(tmp_path, "h", [], shard_size=2, flush_interval_s=1e9)
-    assert resumed.done_ids == {"p0", "p1"}
-    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["part-00000.jsonl"]
-    resumed.write([done(2), done(3)])
-    resumed.close()
-    assert all_ids(tmp_path) == ["p0", "p1", "p2", "p3"]
-    lines = (tmp_path / "manifest.jsonl").read_text().splitlines()
-    assert all(json.loads(line) for line in lines)  # the torn line is gone
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_a_shard_is_its_files_then_its_manifest_entry(tmp_path, fmt):
+    back = write_shard(tmp_path, [done(0), done(1), done(2, error=True)], fmt)
+    write_shard(tmp_path, [done(3)], fmt)
+    assert list(back["id"]) == ["p0", "p1", "p2"] and json.loads(back["stats"][2])["failed"]
+    assert data_ids(tmp_path, fmt) == ["p0", "p1", "p3"]  # the Parquet shards read as one table
+    [errors] = [f for f in (tmp_path / "errors").iterdir() if f.read_text()]
+    assert json.loads(errors.read_text()) == {"id": "p2", "stage": "generate", "error": "too long"}
+    ids, shards = committed(resolve(str(tmp_path)), fmt)
+    assert ids == {"p0", "p1", "p2", "p3"} and len(shards) == 2
+    if fmt == "parquet":
+        sft = pq.read_table(tmp_path / "sft").to_pylist()
+        assert {r["id"]: r["messages"][-1]["content"] for r in sft} == {"p0": "a0", "p1": "a1", "p3": "a3"}
 
 
-def test_resume_with_a_different_config_is_refused(tmp_path):
-    ShardSink(tmp_path, "h1", [], 2, 1e9).close()
-    with pytest.raises(ConfigError, match="was written with config h1, this run's config is h2"):
-        ShardSink(tmp_path, "h2", [], 2, 1e9)
+def test_resume_deletes_only_its_own_unlisted_shards_and_redoes_a_listed_shard_that_is_gone(tmp_path):
+    out = resolve(str(tmp_path))
+    write_shard(tmp_path, [done(0), done(1)])
+    lost = write_shard(tmp_path, [done(2)])
+    # A kill between a shard's files and its manifest entry leaves files no entry lists ...
+    (tmp_path / "data" / "part-0123456789abcdef.jsonl").write_text(json.dumps({"id": "p9"}) + "\n")
+    # ... a user's own files sit beside the shards ...
+    for foreign in ("data/mine.txt", "data/part-00001.jsonl", "errors/notes.md", "README.txt"):
+        (tmp_path / foreign).write_text("not fescale's")
+    # ... and a listed shard whose data file went missing.
+    [entry] = [e for e in map(json.loads, (f.read_text() for f in (tmp_path / "manifest").iterdir())) if e["ids"] == list(lost["id"])]
+    lost_data = tmp_path / "data" / f"{entry['shard']}.jsonl"
+    lost_data.unlink()
+    ids, shards = committed(out, "jsonl")
+    remove_orphans(out, shards)
+    assert ids == {"p0", "p1"}  # p2 is redone
+    assert not (tmp_path / "data" / "part-0123456789abcdef.jsonl").exists()
+    for foreign in ("data/mine.txt", "data/part-00001.jsonl", "errors/notes.md", "README.txt"):
+        assert (tmp_path / foreign).read_text() == "not fescale's"
 
 
-def test_time_based_flush_commits_a_partial_shard(tmp_path):
-    sink = ShardSink(tmp_path, "h", [], shard_size=100, flush_interval_s=0.0)
-    sink.write([done(0)])
-    assert all_ids(tmp_path) == ["p0"]
+def test_resume_with_another_config_format_or_layout_is_refused(tmp_path):
+    out = resolve(str(tmp_path))
+    cfg = load_config("greedy")
+    open_job(out, cfg, "jsonl")
+    open_job(out, cfg, "jsonl")  # the same job again: fine
+    with pytest.raises(ConfigError, match="resume with the same config"):
+        open_job(out, load_config("greedy", ["seed=7"]), "jsonl")
+    with pytest.raises(ConfigError, match="same --format"):
+        open_job(out, cfg, "parquet")
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / "manifest.jsonl").write_text("{}\n")
+    with pytest.raises(ConfigError, match="older fescale"):
+        open_job(resolve(str(legacy)), cfg, "jsonl")
 
 
-def tiny_distill(tmp_path, tiny_model, lines: list[str]):
+def tiny_job(tmp_path, tiny_model, lines: list[bytes]):
     """`fescale distill` (greedy, the tiny model, shards of 2) over these input lines, as a subprocess:
-    (distill(*extra_args, env=extra_env) -> CompletedProcess, output dir)."""
+    (args, run(*extra) -> CompletedProcess, output dir)."""
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump({
         "mode": "greedy",
         "roles": {"generator": {"model": tiny_model, "backend": "hf", "num_cpus": 1, "threads": 1}},
         "generate": {"max_tokens": 4},
         "pipeline": {"batch_size": 2},
-    }))
+    }))  # fmt: skip
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("\n".join(lines) + "\n")
+    prompts.write_bytes(b"\n".join(lines) + b"\n")
     out = tmp_path / "out"
+    args = ["--config", str(config), "--input", str(prompts), "--output-dir", str(out), "--shard-size", "2", "--quiet"]
 
-    def distill(*extra, crash_before_manifest=None):
-        args = ["distill", "--config", str(config), "--input", str(prompts), "--output-dir", str(out), "--shard-size", "2", "--quiet", *extra]
-        command = ["-m", "benchmarks.faults", "exit-before-manifest", crash_before_manifest, "--"] if crash_before_manifest else ["-m", "cli"]
-        return subprocess.run([sys.executable, *command, *args], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    def run(*extra):
+        return subprocess.run([sys.executable, "-m", "cli", "distill", *args, *extra], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
 
-    return distill, out
-
-
-def question(i: int) -> str:
-    return json.dumps({"id": f"q{i}", "prompt": f"Question {i}?"})
+    return args, run, out
 
 
-def test_distill_cli_resumes_with_every_prompt_once(tmp_path, tiny_model):
+def question(i: int) -> bytes:
+    return json.dumps({"id": f"q{i}", "prompt": f"Question {i}?"}).encode()
+
+
+def test_distill_cli_resumes_with_every_prompt_once_and_records_bad_rows(tmp_path, tiny_model):
     rows = [question(i) for i in range(5)]
-    distill, out = tiny_distill(tmp_path, tiny_model, rows[:2] + ["{broken"] + rows[2:])
+    hostile = [b"{broken", b'{"id": "s", "prompt": "hi \\ud800 there"}', b'{"id": "u", "prompt": "caf\xe9"}', question(1)]
+    _, distill, out = tiny_job(tmp_path, tiny_model, rows[:2] + hostile + rows[2:])
+    (out / "data").mkdir(parents=True)
+    (out / "data" / "mine.txt").write_text("a user's file")
 
     first = distill("--limit", "3")
     assert first.returncode == 0, first.stderr[-3000:]
-    assert sorted(all_ids(out)) == ["q0", "q1", "q2"]
+    assert data_ids(out) == ["q0", "q1", "q2"]
     second = distill()
     assert second.returncode == 0, second.stderr[-3000:]
     assert "5 prompts: 3 already written by an earlier run, 2 to go" in second.stderr
-    assert sorted(all_ids(out)) == [f"q{i}" for i in range(5)]  # each exactly once
-    [bad] = [json.loads(line) for line in open(out / "errors" / "input.jsonl")]
-    assert bad["line"] == 3 and "not valid JSON" in bad["error"]
+    assert data_ids(out) == [f"q{i}" for i in range(5)]  # each exactly once
+    errors = sorted((json.loads(line) for f in (out / "errors").glob("*.jsonl") for line in open(f)), key=lambda e: e["id"])
+    assert [(e["id"].rsplit(":", 1)[-1], e["stage"]) for e in errors] == [("3", "input"), ("4", "input"), ("5", "input"), ("6", "input")]
+    assert "not valid JSON" in errors[0]["error"] and "duplicate id 'q1'" in errors[3]["error"]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["resumed"] == 3 and summary["prompts"] == 2 and summary["input_errors"] == 1
+    assert summary["resumed"] == 3 and summary["prompts"] == 2
+    assert (out / "data" / "mine.txt").read_text() == "a user's file"
     changed = distill("--set", "seed=7")
-    assert changed.returncode == 2 and "resume with the same config" in changed.stderr
+    assert changed.returncode == 2 and "resume with the same config" in changed.stderr and "Traceback" not in changed.stderr
 
 
 @pytest.mark.slow
-def test_a_crash_between_shard_rename_and_manifest_line_resumes_exactly_once(tmp_path, tiny_model):
-    """`fescale distill` dies (os._exit) right after part-00001's files are renamed into place, before
-    its manifest line: the rerun deletes those unlisted files and redoes their prompts, once."""
-    distill, out = tiny_distill(tmp_path, tiny_model, [question(i) for i in range(8)])
-
-    crashed = distill(crash_before_manifest="part-00001")
-    assert crashed.returncode == 1, crashed.stderr[-3000:]
-    assert (out / "data" / "part-00001.jsonl").exists() and "part-00001" not in (out / "manifest.jsonl").read_text()
-
+def test_a_distill_killed_mid_run_resumes_with_every_prompt_exactly_once(tmp_path, tiny_model):
+    """SIGKILL of the driver and its local Ray cluster once 2 shards are committed (shards in flight
+    may have written files without their manifest entry): the rerun takes over the dead job's lock,
+    deletes what no entry lists and redoes those prompts, once."""
+    args, distill, out = tiny_job(tmp_path, tiny_model, [question(i) for i in range(12)])
+    assert kill_distill(args, out, after_shards=2, cwd=REPO, env=ENV) >= 2
     resumed = distill()
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "not in the manifest (an interrupted commit)" in resumed.stderr
-    assert sorted(all_ids(out)) == [f"q{i}" for i in range(8)]  # every prompt exactly once
+    assert data_ids(out) == sorted(f"q{i}" for i in range(12))
+    assert not (out / "_fescale.lock").exists()
+
+
+@pytest.mark.slow
+def test_distill_to_s3_in_parquet_survives_a_kill_and_leaves_foreign_objects(tmp_path, tiny_model, s3_bucket):
+    """Input and output on a real S3 protocol server (moto, 127.0.0.1): the job is SIGKILLed mid-run
+    and rerun; every prompt is in the Parquet shards exactly once, they read as one table with
+    pyarrow, and an object of the user's under the output prefix is still there."""
+    import boto3
+
+    from engine.storage import listing, resolve, write_bytes
+
+    source, out = f"{s3_bucket}/in/prompts.jsonl", f"{s3_bucket}/run"
+    write_bytes(resolve(source), b"\n".join(question(i) for i in range(12)) + b"\n")
+    write_bytes(resolve(f"{out}/data/mine.txt"), b"a user's object")
+    args, _, _ = tiny_job(tmp_path, tiny_model, [])
+    args = [*args[:2], "--input", source, "--output-dir", out, "--format", "parquet", *args[6:]]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": ""}
+    assert kill_distill(args, out, after_shards=2, cwd=REPO, env=env) >= 2
+    resumed = subprocess.run([sys.executable, "-m", "cli", "distill", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    data = resolve(out).join("data")
+    shards = [f"{data.path}/{name}" for name, _ in listing(data) if name.endswith(".parquet")]
+    table = pq.ParquetDataset(shards, filesystem=data.fs, schema=OUTPUT_SCHEMA).read()
+    assert sorted(table.column("id").to_pylist()) == sorted(f"q{i}" for i in range(12))
+    bucket, _, prefix = out.removeprefix("s3://").partition("/")
+    body = boto3.client("s3").get_object(Bucket=bucket, Key=f"{prefix}/data/mine.txt")["Body"].read()
+    assert body == b"a user's object"

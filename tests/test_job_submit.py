@@ -1,8 +1,11 @@
-"""`ray job submit --working-dir . -- fescale distill ...` against a real running cluster.
+"""`ray job submit --working-dir . -- fescale distill ...` against a real running cluster of 2 CPUs,
+as `ray start --head` makes on this machine.
 
-The job is stopped (`ray job stop`) once a shard is committed, then resubmitted unchanged; the
-output must end with every prompt exactly once. The cluster is a `ray start --head --block` of its
-own, on free ports, so stopping it leaves the test session's cluster alone.
+A config whose replica takes both CPUs is refused at once, naming what is missing and what to
+change (it used to wait forever for the CPUs its stage actors needed). A config that fits is
+stopped (`ray job stop`) once a shard is committed, then resubmitted unchanged; the output must end
+with every prompt exactly once. The cluster is a `ray start --head --block` of its own, on free
+ports, so stopping it leaves the test session's cluster alone.
 """
 
 import json
@@ -43,7 +46,7 @@ def cluster():
     head = subprocess.Popen(
         [f"{BIN}/ray", "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1",
          f"--dashboard-agent-listen-port={agent}", f"--metrics-export-port={metrics}",
-         "--include-dashboard=true", "--num-cpus=4", "--disable-usage-stats"],
+         "--include-dashboard=true", "--num-cpus=2", "--disable-usage-stats"],
         env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     address = f"http://127.0.0.1:{dashboard}"
@@ -67,10 +70,7 @@ def submit(address, *args):
 
 
 def data_ids(out):
-    ids = []
-    for f in sorted((out / "data").glob("part-*.jsonl")):
-        ids += [json.loads(line)["id"] for line in open(f)]
-    return ids
+    return [json.loads(line)["id"] for f in sorted((out / "data").glob("part-*.jsonl")) for line in open(f)]
 
 
 def test_distill_job_stopped_midway_then_resubmitted_writes_every_prompt_once(cluster, embedded_dir, tmp_path):
@@ -86,17 +86,25 @@ def test_distill_job_stopped_midway_then_resubmitted_writes_every_prompt_once(cl
     out = tmp_path / "out"
     entry = ["fescale", "distill", "--config", str(config), "--input", str(prompts), "--output-dir", str(out), "--shard-size", "2", "--quiet"]
 
+    too_big = submit(cluster, "--working-dir", str(REPO), "--", *entry[:2], "--config", "greedy", *entry[4:6], "--output-dir", str(tmp_path / "big"))
+    assert too_big.returncode != 0
+    assert "no room left for" in too_big.stdout and "roles.generator.num_cpus" in too_big.stdout, too_big.stdout[-3000:]
+    assert "Traceback" not in too_big.stdout
+
     job_id = f"fescale-distill-{os.getpid()}"
     submitted = submit(cluster, "--submission-id", job_id, "--working-dir", str(REPO), "--no-wait", "--", *entry)
     assert submitted.returncode == 0, submitted.stderr
-    manifest = out / "manifest.jsonl"
     deadline = time.monotonic() + 400
-    while not (manifest.exists() and '"kind": "shard"' in manifest.read_text()):
+    while not list((out / "manifest").glob("part-*.json")):
         assert time.monotonic() < deadline, ray("job", "logs", "--address", cluster, job_id).stdout[-3000:]
         time.sleep(0.5)
     assert ray("job", "stop", "--address", cluster, job_id).returncode == 0
     status = ray("job", "status", "--address", cluster, job_id).stdout
     assert "stopped" in status.lower(), status
+    deadline = time.monotonic() + 60
+    while (out / "_fescale.lock").exists():  # the stopped job releases its output lock on SIGTERM
+        assert time.monotonic() < deadline, "the stopped job kept its output lock"
+        time.sleep(0.5)
     partial = data_ids(out)
     assert 2 <= len(partial) < 12 and len(set(partial)) == len(partial)
 

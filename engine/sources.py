@@ -1,0 +1,133 @@
+"""Prompt files by URI into Ray Data: read and parsed on the workers, only ids reach the driver.
+
+`read_input(uri, ...)` lists the input (one file, or every .jsonl/.jsonl.gz/.parquet under a
+folder or prefix, on any filesystem `engine.storage` resolves), reads the files with Ray Data's
+binary reader and parses each line or Parquet row on the workers with `engine.inputs.parse_line`
+/ `parse_row`. A malformed row becomes an error row (stage "input", id `source:line`) that flows
+to the errors files like a failed prompt, so it is recorded once and skipped on resume. The driver
+sees only (id, source, line) of each row, to drop duplicates, skip what an earlier run committed
+and apply `--limit`; the prompts themselves stay in the object store.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import ray
+
+from actors.errors import InputError
+from engine.inputs import InputErrorRow, Prompt, parquet_rows, parse_line, parse_row
+from engine.rows import Message, PromptState, RowError
+from engine.storage import resolve
+
+EXTENSIONS = (".jsonl", ".jsonl.gz", ".json", ".parquet")
+
+
+@dataclass
+class InputCounts:
+    """What the driver learned of the input: valid prompts to run, malformed rows, resumed ids."""
+
+    prompts: int = 0
+    input_errors: int = 0
+    resumed: int = 0
+
+
+def list_inputs(uri: str) -> tuple[object, list[str]]:
+    """(filesystem, file paths): the file itself, or the prompt files under a folder, in name order."""
+    import pyarrow.fs as pafs
+
+    loc = resolve(uri)
+    info = loc.fs.get_file_info(loc.path)
+    if info.type == pafs.FileType.File:
+        return loc.fs, [loc.path]
+    if info.type == pafs.FileType.Directory:
+        found = loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=True))
+        paths = sorted(f.path for f in found if f.type == pafs.FileType.File and f.path.endswith(EXTENSIONS))
+        if paths:
+            return loc.fs, paths
+        raise InputError(f"input {uri} holds no prompt files ({', '.join(EXTENSIONS)})")
+    raise InputError(f"input {uri} does not exist")
+
+
+def _parse_file(row: dict) -> list[dict]:
+    """One input file's bytes -> one row per line (or Parquet row): the prompt, or why it is malformed."""
+    path, data = row["path"], row["bytes"]
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        rows, line = [], 1
+        try:
+            for batch in pq.ParquetFile(io.BytesIO(data)).iter_batches():
+                rows += [_row(parse_row(record, n, path), path) for n, record in parquet_rows(batch, line)]
+                line += batch.num_rows
+        except Exception as e:  # a corrupt file: the rows read so far stand, the rest is one error
+            rows.append(_row(InputErrorRow(path, line, f"Parquet file unreadable from here on: {type(e).__name__}: {e}"), path))
+        return rows
+    if path.endswith(".gz"):
+        import gzip
+
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError) as e:
+            return [_row(InputErrorRow(path, 0, f"not a readable gzip file: {e}"), path)]
+    parsed = (parse_line(raw, n, path) for n, raw in enumerate(data.split(b"\n"), start=1))
+    return [_row(p, path) for p in parsed if p is not None]  # None: a blank line
+
+
+def _row(parsed: Prompt | InputErrorRow, source: str) -> dict:
+    if isinstance(parsed, Prompt):
+        return {"id": parsed.id, "source": source, "line": parsed.line, "messages": json.dumps(parsed.messages), "error": ""}
+    return {"id": f"{parsed.source}:{parsed.line}", "source": parsed.source, "line": parsed.line, "messages": "", "error": parsed.error}
+
+
+class _ToStates:
+    """Parsed rows -> pipeline rows `{id, state}`: the rows `keep` names (id -> (source, line)) and the
+    duplicates (`id@line@source` -> the input URI) as input errors; every other row is dropped."""
+
+    def __init__(self, mode: str, config_hash: str, keep: dict[str, tuple[str, int]], duplicates: dict[str, str]):
+        self.mode, self.config_hash, self.keep, self.duplicates = mode, config_hash, keep, duplicates
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        ids, states = [], []
+        for row_id, source, line, messages, error in zip(batch["id"], batch["source"], batch["line"], batch["messages"], batch["error"]):
+            key = f"{row_id}@{line}@{source}"
+            if key in self.duplicates:
+                row_id, error = f"{self.duplicates[key]}:{line}", f"duplicate id {row_id!r}"
+            elif self.keep.get(row_id) != (source, line):
+                continue
+            state = PromptState(id=row_id, messages=[] if error else [Message(**m) for m in json.loads(messages)], mode=self.mode, config_hash=self.config_hash)
+            if error:
+                state.error = RowError(stage="input", message=error)
+            ids.append(row_id)
+            states.append(state.model_dump_json())
+        return {"id": ids, "state": states}
+
+
+def read_input(uri: str, mode: str, config_hash: str, done: set[str], limit: int | None, num_cpus: float) -> tuple[ray.data.Dataset, InputCounts]:
+    """The prompts of `uri` not in `done`, as pipeline rows; at most `limit` valid prompts."""
+    fs, paths = list_inputs(uri)
+    parsed = ray.data.read_binary_files(paths, filesystem=fs, include_paths=True, num_cpus=num_cpus)
+    parsed = parsed.flat_map(_parse_file, num_cpus=num_cpus).materialize()
+    counts, keep, duplicates, seen = InputCounts(), {}, {}, set()
+    for row in parsed.select_columns(["id", "source", "line", "error"]).iter_rows():
+        row_id = row["id"]
+        if row["error"]:  # malformed: recorded once (its id is SOURCE:LINE), skipped on resume
+            if row_id not in done:
+                counts.input_errors += 1
+                keep[row_id] = (row["source"], row["line"])
+        elif row_id in seen:  # the first row with an id wins; a later one is an input error
+            if f"{uri}:{row['line']}" not in done:
+                duplicates[f"{row_id}@{row['line']}@{row['source']}"] = uri
+                counts.input_errors += 1
+        else:
+            seen.add(row_id)
+            if row_id in done:
+                counts.resumed += 1
+            elif limit is None or counts.prompts < limit:
+                counts.prompts += 1
+                keep[row_id] = (row["source"], row["line"])
+    rows = parsed.map_batches(_ToStates(mode, config_hash, keep, duplicates), batch_format="numpy", num_cpus=num_cpus)
+    return rows, counts
