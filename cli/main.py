@@ -19,7 +19,7 @@ import signal
 import sys
 from pathlib import Path
 
-from actors.errors import ConfigError, FescaleError
+from actors.errors import ConfigError, FescaleError, last_line, unwrap_ray_error
 from cli.args import add_address, add_command, add_config, add_limit, add_quiet, add_set, positive_int
 from cli.bench import add_bench_parser, add_sweep_parser
 from engine.config import available_configs, load_config, resolve_config_path
@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,  # the epilog's examples keep their columns
         epilog=__doc__.split("\n", 1)[1],
     )
+    parser.add_argument("--debug", action="store_true", help="log at DEBUG and show the traceback of a failure")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = add_command(sub, "run", cmd_run)
@@ -92,16 +93,22 @@ def main(argv: list[str] | None = None) -> int:
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s fescale %(levelname)s %(message)s", "%H:%M:%S"))
     log.addHandler(handler)
-    log.setLevel(logging.INFO)
+    log.setLevel(logging.DEBUG if args.debug else logging.INFO)
     log.propagate = False
     try:
         return args.func(args)
-    except FescaleError as e:
-        print(f"fescale: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
-        print("fescale: interrupted; finished rows were written", file=sys.stderr)
+        print("fescale: interrupted; finished rows were written (distill: rerun the same command to resume)", file=sys.stderr)
         return 130
+    except Exception as e:  # one line for the user; the traceback behind --debug
+        own = unwrap_ray_error(e)
+        if args.debug:
+            raise
+        if own is not None:
+            print(f"fescale: error: {own}", file=sys.stderr)
+            return 2
+        print(f"fescale: internal error: {type(e).__name__}: {last_line(e)} (run with --debug for the traceback)", file=sys.stderr)
+        return 1
 
 
 def _load(args: argparse.Namespace):

@@ -31,7 +31,7 @@ from actors.errors import BackendError, ConfigError
 from engine.config import FescaleConfig
 from engine.runner import init_ray, run_stream
 from engine.shards import SHARD_NAME, SUBDIRS, Format, WriteShards, count_rows
-from engine.sources import read_input
+from engine.sources import list_inputs, read_input
 from engine.storage import Location, OutputLock, delete, listing, read_bytes, resolve, write_bytes
 from engine.summary import Summary
 
@@ -114,6 +114,7 @@ def distill(
     progress: bool = True,
 ) -> Summary:
     """Run the config over every prompt of `input_uri` not yet committed under `output_uri`."""
+    files = list_inputs(input_uri)  # a bad input is an error before the output is touched
     out = resolve(output_uri)
     owner = {"host": socket.gethostname(), "pid": os.getpid(), "ray_job": _submission_id(), "started": time.time()}
     with OutputLock(out, owner):
@@ -121,7 +122,7 @@ def distill(
         done, shards = committed(out, fmt)
         remove_orphans(out, shards)
         init_ray(cfg, address)
-        rows, counts = read_input(input_uri, cfg.mode, cfg.config_hash(), done, limit, cfg.pipeline.stage_num_cpus)
+        rows, counts = read_input(input_uri, files, cfg.mode, cfg.config_hash(), done, limit, cfg.pipeline.stage_num_cpus)
         log.info(
             "%d prompts: %d already written by an earlier run, %d to go (%d malformed input rows)",
             counts.prompts + counts.resumed, counts.resumed, counts.prompts, counts.input_errors,
@@ -142,7 +143,9 @@ def distill(
             return len(batch["id"])
 
         writer = dict(fn=WriteShards, fn_constructor_kwargs={"out": out, "fmt": fmt, "config_hash": cfg.config_hash()})
-        run_stream(cfg, rows, counts.prompts + counts.input_errors, summary, on_batch, finish=(writer, shard_size), progress=progress)
+        if counts.prompts + counts.input_errors:  # else all done already: start no model
+            run_stream(cfg, rows, counts.prompts + counts.input_errors, summary, on_batch, finish=(writer, shard_size), progress=progress)
+        summary.finish()
         write_bytes(out.join("summary.json"), json.dumps(summary.to_dict(), indent=2).encode())
     return summary
 

@@ -21,7 +21,7 @@ import ray
 from actors.errors import InputError
 from engine.inputs import InputErrorRow, Prompt, parquet_rows, parse_line, parse_row
 from engine.rows import Message, PromptState, RowError
-from engine.storage import resolve
+from engine.storage import resolve, storage_error
 
 EXTENSIONS = (".jsonl", ".jsonl.gz", ".json", ".parquet")
 
@@ -40,11 +40,14 @@ def list_inputs(uri: str) -> tuple[object, list[str]]:
     import pyarrow.fs as pafs
 
     loc = resolve(uri)
-    info = loc.fs.get_file_info(loc.path)
+    try:
+        info = loc.fs.get_file_info(loc.path)
+        found = loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=True)) if info.type == pafs.FileType.Directory else []
+    except OSError as e:
+        raise storage_error(uri, e) from None
     if info.type == pafs.FileType.File:
         return loc.fs, [loc.path]
     if info.type == pafs.FileType.Directory:
-        found = loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=True))
         paths = sorted(f.path for f in found if f.type == pafs.FileType.File and f.path.endswith(EXTENSIONS))
         if paths:
             return loc.fs, paths
@@ -106,9 +109,12 @@ class _ToStates:
         return {"id": ids, "state": states}
 
 
-def read_input(uri: str, mode: str, config_hash: str, done: set[str], limit: int | None, num_cpus: float) -> tuple[ray.data.Dataset, InputCounts]:
-    """The prompts of `uri` not in `done`, as pipeline rows; at most `limit` valid prompts."""
-    fs, paths = list_inputs(uri)
+def read_input(
+    uri: str, files: tuple[object, list[str]], mode: str, config_hash: str, done: set[str], limit: int | None, num_cpus: float
+) -> tuple[ray.data.Dataset, InputCounts]:
+    """The prompts of `uri` (its `files`, from `list_inputs`) not in `done`, as pipeline rows; at most
+    `limit` valid prompts."""
+    fs, paths = files
     parsed = ray.data.read_binary_files(paths, filesystem=fs, include_paths=True, num_cpus=num_cpus)
     parsed = parsed.flat_map(_parse_file, num_cpus=num_cpus).materialize()
     counts, keep, duplicates, seen = InputCounts(), {}, {}, set()

@@ -3,6 +3,7 @@ every prompt exactly once, and nothing deleted that fescale did not write."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -180,3 +181,33 @@ def test_distill_to_s3_in_parquet_survives_a_kill_and_leaves_foreign_objects(tmp
     bucket, _, prefix = out.removeprefix("s3://").partition("/")
     body = boto3.client("s3").get_object(Bucket=bucket, Key=f"{prefix}/data/mine.txt")["Body"].read()
     assert body == b"a user's object"
+
+
+def test_a_job_where_every_prompt_fails_stops_with_one_line(tmp_path, tiny_model):
+    """A systemic fault (here: a context too short for any prompt) stops the job after the first 32
+    prompts all failed, with one line and no traceback, instead of failing 40 000 prompts one by one."""
+    _, distill, out = tiny_job(tmp_path, tiny_model, [question(i) for i in range(48)])
+    failed = distill("--set", "roles.generator.max_model_len=4")
+    assert failed.returncode == 2, failed.stderr[-3000:]
+    assert re.search(r"fescale: error: the first (3[2-9]|4\d) prompts all failed \(\d+ with: prompt is \d+ tokens, the model's context is 4", failed.stderr)
+    assert "Traceback" not in failed.stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--input", "ftp://host/prompts.jsonl"], "unsupported storage URI 'ftp://host/prompts.jsonl'"),
+    (["--output-dir", "s3:/bucket"], "malformed storage URI 's3:/bucket'"),
+    (["--input", "/no/such/prompts.jsonl"], "input /no/such/prompts.jsonl does not exist"),
+    (["--shard-size", "0"], "--shard-size: must be at least 1"),
+    (["--limit", "-1"], "--limit: must be at least 1"),
+    (["--format", "csv"], "invalid choice: 'csv'"),
+])
+def test_bad_arguments_are_refused_before_anything_is_written(tmp_path, flags, message):
+    out = tmp_path / "out"
+    base = {"--input": str(tmp_path / "prompts.jsonl"), "--output-dir": str(out)}
+    (tmp_path / "prompts.jsonl").write_bytes(question(0) + b"\n")
+    for flag, value in zip(flags[::2], flags[1::2]):
+        base[flag] = value
+    args = [a for kv in base.items() for a in kv]
+    done = subprocess.run([sys.executable, "-m", "cli", "distill", "--config", "greedy", *args], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert not out.exists() and not any(p.name.startswith("s3:") or p.name.startswith("ftp:") for p in tmp_path.iterdir())
