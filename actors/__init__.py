@@ -1,1 +1,1 @@
-"""fescale's actors: model backends (vLLM, Hugging Face, OpenAI-compatible) and the role pools that hold them."""
+"""fescale's runtime (knows no config): model backends (vLLM, Hugging Face, OpenAI-compatible), model replicas and their clients, the error hierarchy."""

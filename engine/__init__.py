@@ -1,1 +1,1 @@
-"""fescale's engine: config, the method's steps, the Ray Data pipeline, distillation output, the CLI."""
+"""fescale's engine: config, the pool plan, the method's steps, the Ray Data pipeline, distillation output, the Serve app."""
