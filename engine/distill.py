@@ -122,7 +122,7 @@ def distill(
         done, shards = committed(out, fmt)
         remove_orphans(out, shards)
         init_ray(cfg, address)
-        rows, counts = read_input(input_uri, files, cfg.mode, cfg.config_hash(), done, limit, cfg.pipeline.stage_num_cpus)
+        rows, counts = read_input(input_uri, files, cfg.mode, cfg.config_hash(), done, limit, cfg.pipeline.stage_num_cpus, cfg.pipeline.batch_size)
         log.info(
             "%d prompts: %d already written by an earlier run, %d to go (%d malformed input rows)",
             counts.prompts + counts.resumed, counts.resumed, counts.prompts, counts.input_errors,

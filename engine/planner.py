@@ -49,6 +49,7 @@ REPO = CONFIGS_DIR.parent
 RUNTIME_RESERVE_GB = 3.0
 VLLM_GPU_MEMORY_UTILIZATION = 0.92  # vLLM's own default (CacheConfig, vLLM 0.32)
 DEFAULT_CPUS_PER_GPU = 8
+LIVE_CLUSTER = "the Ray cluster"  # a ClusterSpec read from Ray, not written with --cluster
 CLUSTER_HELP = (
     "NODESxGPUSxNAME-MEMGB[,cpu:N] (e.g. 2x8xH100-80GB, 4x8xH100-80GB,cpu:96, 1xL4-24GB for one node "
     f"with one L4) or [NODESx]cpu:N for CPU-only nodes (cpu:2); GPU nodes have {DEFAULT_CPUS_PER_GPU} CPUs per GPU unless ,cpu:N says"
@@ -105,7 +106,7 @@ def cluster_from_ray() -> ClusterSpec:
     import ray
 
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    return ClusterSpec(tuple(NodeSpec(r.get("CPU", 0.0), int(r.get("GPU", 0))) for r in nodes), "the Ray cluster")
+    return ClusterSpec(tuple(NodeSpec(r.get("CPU", 0.0), int(r.get("GPU", 0))) for r in nodes), LIVE_CLUSTER)
 
 
 @dataclass(frozen=True)
@@ -225,11 +226,13 @@ def plan_cluster(
     if unplaced:
         labels = ", ".join(f"{n} x {label}" for label, n in Counter(i.label for i in unplaced).items())
         fix = "add nodes"
-        if cluster.homogeneous:
+        if cluster.homogeneous and cluster.text != LIVE_CLUSTER:
             needed = sum(1 for held in _pack(fitting, cluster.nodes[:1] * len(fitting))[0] if held)
             fix = f"use {needed} such nodes (--cluster {_with_nodes(cluster.text, needed)})"
         replicas = {p.key: p.replicas for p in plans}
-        keys = sorted({_smaller(i, replicas.get(i.key, 1)) for i in unplaced})
+        # CPU-only items that found no room: the replicas' CPUs are what crowds them out
+        crowding = [i for held in nodes for i in held if i.key.startswith("roles.")] if not any(i.gpus for i in unplaced) else []
+        keys = sorted({_smaller(i, replicas.get(i.key, 1)) for i in [*unplaced, *crowding]})
         problems.append(f"no room left for {labels} ({cluster.describe()}); {fix}, or lower {' / '.join(keys)}")
     return ClusterPlan(cluster, plans, nodes, problems)
 

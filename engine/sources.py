@@ -86,54 +86,72 @@ def _row(parsed: Prompt | InputErrorRow, source: str) -> dict:
     return {"id": f"{parsed.source}:{parsed.line}", "source": parsed.source, "line": parsed.line, "messages": "", "error": parsed.error}
 
 
-class _ToStates:
-    """Parsed rows -> pipeline rows `{id, state}`: the rows `keep` names (id -> (source, line)) and the
-    duplicates (`id@line@source` -> the input URI) as input errors; every other row is dropped."""
+@ray.remote(num_cpus=0)
+def _keys(block) -> dict[str, list]:
+    """What the driver needs of one parsed block: its rows' ids, lines and errors, not the prompts."""
+    return {name: block.column(name).to_pylist() for name in ("id", "line", "error")}
 
-    def __init__(self, mode: str, config_hash: str, keep: dict[str, tuple[str, int]], duplicates: dict[str, str]):
-        self.mode, self.config_hash, self.keep, self.duplicates = mode, config_hash, keep, duplicates
+
+class _ToStates:
+    """One chunk of kept rows (a block of parsed input and row positions in it) -> pipeline rows
+    `{id, state}`; a position with a duplicate id becomes an input error with that id."""
+
+    def __init__(self, blocks: list, mode: str, config_hash: str):
+        self.blocks, self.mode, self.config_hash = blocks, mode, config_hash
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         ids, states = [], []
-        for row_id, source, line, messages, error in zip(batch["id"], batch["source"], batch["line"], batch["messages"], batch["error"]):
-            key = f"{row_id}@{line}@{source}"
-            if key in self.duplicates:
-                row_id, error = f"{self.duplicates[key]}:{line}", f"duplicate id {row_id!r}"
-            elif self.keep.get(row_id) != (source, line):
-                continue
-            state = PromptState(id=row_id, messages=[] if error else [Message(**m) for m in json.loads(messages)], mode=self.mode, config_hash=self.config_hash)
-            if error:
-                state.error = RowError(stage="input", message=error)
-            ids.append(row_id)
-            states.append(state.model_dump_json())
+        for block, positions, duplicate_ids in zip(batch["block"], batch["positions"], batch["duplicates"]):
+            rows = ray.get(self.blocks[block]).take(list(positions)).to_pylist()
+            for row, duplicate_id in zip(rows, duplicate_ids):
+                row_id, error = row["id"], row["error"]
+                if duplicate_id:
+                    row_id, error = duplicate_id, f"duplicate id {row['id']!r}"
+                messages = [] if error else [Message(**m) for m in json.loads(row["messages"])]
+                state = PromptState(id=row_id, messages=messages, mode=self.mode, config_hash=self.config_hash)
+                if error:
+                    state.error = RowError(stage="input", message=error)
+                ids.append(row_id)
+                states.append(state.model_dump_json())
         return {"id": ids, "state": states}
 
 
 def read_input(
-    uri: str, files: tuple[object, list[str]], mode: str, config_hash: str, done: set[str], limit: int | None, num_cpus: float
+    uri: str, files: tuple[object, list[str]], mode: str, config_hash: str, done: set[str], limit: int | None, num_cpus: float,
+    batch_size: int,
 ) -> tuple[ray.data.Dataset, InputCounts]:
-    """The prompts of `uri` (its `files`, from `list_inputs`) not in `done`, as pipeline rows; at most
-    `limit` valid prompts."""
+    """The prompts of `uri` (its `files`, from `list_inputs`) not in `done`, as pipeline rows in blocks
+    of `batch_size`; at most `limit` valid prompts.
+
+    A file is one block of parsed rows. The stages run one task per block, so the kept rows are
+    regrouped into blocks of one batch each: that is what lets a stage's batches run concurrently and
+    the first shards be written while later prompts still generate."""
     fs, paths = files
     parsed = ray.data.read_binary_files(paths, filesystem=fs, include_paths=True, num_cpus=num_cpus)
-    parsed = parsed.flat_map(_parse_file, num_cpus=num_cpus).materialize()
-    counts, keep, duplicates, seen = InputCounts(), {}, {}, set()
-    for row in parsed.select_columns(["id", "source", "line", "error"]).iter_rows():
-        row_id = row["id"]
-        if row["error"]:  # malformed: recorded once (its id is SOURCE:LINE), skipped on resume
-            if row_id not in done:
-                counts.input_errors += 1
-                keep[row_id] = (row["source"], row["line"])
-        elif row_id in seen:  # the first row with an id wins; a later one is an input error
-            if f"{uri}:{row['line']}" not in done:
-                duplicates[f"{row_id}@{row['line']}@{row['source']}"] = uri
-                counts.input_errors += 1
-        else:
-            seen.add(row_id)
-            if row_id in done:
-                counts.resumed += 1
-            elif limit is None or counts.prompts < limit:
-                counts.prompts += 1
-                keep[row_id] = (row["source"], row["line"])
-    rows = parsed.map_batches(_ToStates(mode, config_hash, keep, duplicates), batch_format="numpy", num_cpus=num_cpus)
-    return rows, counts
+    blocks = parsed.flat_map(_parse_file, num_cpus=num_cpus).materialize().to_arrow_refs()
+    counts, seen, kept = InputCounts(), set(), []  # kept: (block, position, duplicate id or "")
+    for b, keys in enumerate(ray.get([_keys.remote(ref) for ref in blocks])):
+        for position, (row_id, line, error) in enumerate(zip(keys["id"], keys["line"], keys["error"])):
+            if error:  # malformed: recorded once (its id is SOURCE:LINE), skipped on resume
+                if row_id not in done:
+                    counts.input_errors += 1
+                    kept.append((b, position, ""))
+            elif row_id in seen:  # the first row with an id wins; a later one is an input error
+                if f"{uri}:{line}" not in done:
+                    counts.input_errors += 1
+                    kept.append((b, position, f"{uri}:{line}"))
+            else:
+                seen.add(row_id)
+                if row_id in done:
+                    counts.resumed += 1
+                elif limit is None or counts.prompts < limit:
+                    counts.prompts += 1
+                    kept.append((b, position, ""))
+    chunks = []
+    for start in range(0, len(kept), batch_size):
+        chunk = kept[start : start + batch_size]
+        for b in dict.fromkeys(k[0] for k in chunk):  # a chunk never mixes blocks
+            mine = [k for k in chunk if k[0] == b]
+            chunks.append({"block": b, "positions": [k[1] for k in mine], "duplicates": [k[2] for k in mine]})
+    rows = ray.data.from_items(chunks or [{"block": 0, "positions": [], "duplicates": []}], override_num_blocks=max(1, len(chunks)))
+    return rows.map_batches(_ToStates(blocks, mode, config_hash), batch_size=1, batch_format="numpy", num_cpus=num_cpus), counts

@@ -22,6 +22,7 @@ import yaml
 from conftest import REPO
 
 pytestmark = pytest.mark.slow
+PROMPTS = 40  # enough that the job is still running when it is stopped after its first shard
 BIN = str(Path(sys.executable).parent)
 # Ray 2.60 clusters require a token; the CLI sends ~/.ray/auth_token when told to use token auth.
 ENV = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_ADDRESS": "", "RAY_AUTH_MODE": "token"}
@@ -82,7 +83,7 @@ def test_distill_job_stopped_midway_then_resubmitted_writes_every_prompt_once(cl
         "pipeline": {"batch_size": 2, "max_concurrent_batches": 1},
     }))
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"id": f"q{i:02d}", "prompt": f"Write one sentence about the number {i}."}) + "\n" for i in range(12)))
+    prompts.write_text("".join(json.dumps({"id": f"q{i:02d}", "prompt": f"Write one sentence about the number {i}."}) + "\n" for i in range(PROMPTS)))
     out = tmp_path / "out"
     entry = ["fescale", "distill", "--config", str(config), "--input", str(prompts), "--output-dir", str(out), "--shard-size", "2", "--quiet"]
 
@@ -106,11 +107,11 @@ def test_distill_job_stopped_midway_then_resubmitted_writes_every_prompt_once(cl
         assert time.monotonic() < deadline, "the stopped job kept its output lock"
         time.sleep(0.5)
     partial = data_ids(out)
-    assert 2 <= len(partial) < 12 and len(set(partial)) == len(partial)
+    assert 2 <= len(partial) < PROMPTS and len(set(partial)) == len(partial)
 
     resubmitted = submit(cluster, "--working-dir", str(REPO), "--", *entry)
     assert resubmitted.returncode == 0, resubmitted.stdout[-3000:]
     assert "already written by an earlier run" in resubmitted.stdout
     final = data_ids(out)
-    assert sorted(final) == [f"q{i:02d}" for i in range(12)]  # all of them, none twice
+    assert sorted(final) == [f"q{i:02d}" for i in range(PROMPTS)]  # all of them, none twice
     assert set(partial) <= set(final)

@@ -211,3 +211,16 @@ def _on_simulated_cluster(workdir: Path) -> dict:
 
 if __name__ == "__main__":
     print(json.dumps(_on_simulated_cluster(Path(sys.argv[1]))))
+
+
+def test_on_a_live_cluster_a_replica_that_crowds_out_the_stream_names_its_cpus():
+    """`ray start --head` on 2 cores: greedy's 2-CPU replica fits, its stage actors do not. The engine
+    refuses before reserving anything and names every setting that frees the room."""
+    from engine.planner import LIVE_CLUSTER, ClusterSpec
+
+    cfg = load_config("greedy")
+    plan = plan_cluster(cfg, plan_pools(cfg).values(), ClusterSpec((NodeSpec(2.0),), LIVE_CLUSTER), stage_actors=3)
+    assert plan.problems == [
+        "no room left for 3 x stage actor (1 node of 2 CPUs); add nodes, or lower "
+        "pipeline.stage_actors / pipeline.stage_num_cpus / roles.generator.num_cpus"
+    ]
