@@ -2,15 +2,15 @@
 
 The model is `benchmarks.instant_backend.InstantBackend` (canned answers of realistic length, at
 once), behind the same pieces as a real model: a `ModelReplica` pool (`engine.pools.Pools`) and the
-Ray Data stages of `engine.runner.execute`. The work is the paper's scaling setup: feedback_edit
+Ray Data stage of `engine.runner.execute`. The work is the paper's scaling setup: feedback_edit
 with N=8 responses, M=16 feedback per response (16@0.7, all 16 effective), partitioned into sets of
 3 (6 sets per response), K=1 edit per set, logit-judge select over the 48 edits; guided_level off.
 Prompts are the bundled ones, cycled, each tagged with its id so the backend can tell them apart.
 
 Pools are started and a warm-up batch is run first; the clock covers one `execute` of the measured
 prompts (Ray Data starts its stage actors inside it, as in every real run). Reported: prompts/s end
-to end and in the steady middle (rows 10%-90%), model calls/s, per stage Ray Data's active time and
-the bytes of state a row carries out of it, median hand-offs per prompt (when the backend saw each
+to end and in the steady middle (rows 10%-90%), model calls/s, the stage's Ray Data active time and
+the bytes of state a row carries after each step, median hand-offs per prompt (when the backend saw each
 prompt's calls), and CPU of the driver (by thread), stage actors, replica and Ray's own processes
 (all descendants of the driver, sampled every 0.5 s: those that end with the run count too).
 
@@ -50,7 +50,6 @@ from benchmarks.record import record
 from benchmarks.workload import DirectClient, prompts
 from engine.config import FescaleConfig, load_config
 from engine.inputs import Prompt
-from engine.pipeline import stages
 from engine.placement import plan_pools
 from engine.pools import Pools
 from engine.runner import execute, init_ray, new_states
@@ -170,16 +169,15 @@ class CpuSampler:
 
 
 def state_bytes(cfg: FescaleConfig) -> dict[str, int]:
-    """Bytes of one prompt's state JSON (the row's `state` column) as it leaves each stage, in-process."""
+    """Bytes of one prompt's state JSON (the row's `state` column) after each step, in-process."""
     client = DirectClient(InstantBackend(next(iter(plan_pools(cfg).values())).spec))
     [state] = new_states(cfg, synthetic(1))
     sizes = {"input": len(state.model_dump_json().encode())}
 
     async def run() -> None:
-        for stage in stages(build_steps(cfg, lambda role: client)):
-            for step in stage:
-                await step.run(state)
-            sizes[stage[0].name] = len(state.model_dump_json().encode())
+        for step in build_steps(cfg, lambda role: client):
+            await step.run(state)
+            sizes[step.name] = len(state.model_dump_json().encode())
 
     asyncio.run(run())
     return sizes
@@ -212,16 +210,14 @@ def measure(cfg: FescaleConfig, batch: list[Prompt], warmup: list[Prompt]) -> di
     lo, hi = int(len(times) * 0.1), max(int(len(times) * 0.9) - 1, 0)  # the steady middle: rows 10%-90%
     steady, steady_span = sampler.cores(times[lo], times[hi]) if times else ({}, 0.0)
     rows_span = times[hi] - times[lo] if times else 0.0
-    ops = [op for op in operators(run) if "StageActor" in op.operator_name]
-    stage_stats = {}
-    for name, op in zip(cfg.spec.stages, ops):
-        rows = op.output_num_rows.sum if op.output_num_rows else 0
-        stage_stats[name] = {
-            "active_s": op.time_total_s,
-            "udf_wall_s": op.wall_time.sum if op.wall_time else None,
-            "out_bytes_per_row": (op.output_size_bytes.sum / rows) if op.output_size_bytes and rows else None,
-        }
-    by_kind = {k: {kind: sum(i[k].get(kind, 0) - b[k].get(kind, 0) for i, b in zip(after, before)) for kind in KINDS} for k in ("calls", "requests")}
+    [op] = [op for op in operators(run) if "StageActor" in op.operator_name]
+    rows = op.output_num_rows.sum if op.output_num_rows else 0
+    stage_stats = {
+        "active_s": op.time_total_s,
+        "udf_wall_s": op.wall_time.sum if op.wall_time else None,
+        "out_bytes_per_row": (op.output_size_bytes.sum / rows) if op.output_size_bytes and rows else None,
+    }
+    by_kind = {k: {kind: sum(i[k].get(kind, 0) - b[k].get(kind, 0) for i, b in zip(after, before)) for kind in (*KINDS, "all")} for k in ("calls", "requests")}
     arrivals = {tag: t for info in after for tag, t in info["arrivals"].items() if tag in sink.at}
     replica_pids = {info["pid"] for info in after}
     steady_groups = group_cpu({pid: (sampler.labels.get(pid, "?"), c) for pid, c in steady.items()}, replica_pids)
@@ -229,10 +225,10 @@ def measure(cfg: FescaleConfig, batch: list[Prompt], warmup: list[Prompt]) -> di
     return {
         "prompts": len(batch), "answered": summary.prompts, "failed": summary.failed, "errors": sink.errors[:3],
         "seconds": seconds, "started": started, "rows_at": sink.at, "seen_at": arrivals,
-        "calls": sum(by_kind["calls"].values()), "requests": sum(by_kind["requests"].values()), "calls_by_kind": by_kind["calls"],
+        "calls": by_kind["calls"]["all"], "requests": sum(by_kind["requests"].values()), "requests_by_kind": by_kind["requests"],
         "completions": sum(i["completions"] - b["completions"] for i, b in zip(after, before)),
         "backend_busy_s": sum(i["busy_s"] - b["busy_s"] for i, b in zip(after, before)),
-        "stages": stage_stats, "cpu": group_cpu(cpu, replica_pids), "driver_threads": driver_threads,
+        "stage": stage_stats, "cpu": group_cpu(cpu, replica_pids), "driver_threads": driver_threads,
         "steady_prompts_per_s": (hi - lo) / rows_span if rows_span > 0 else float("nan"), "steady_rows_s": rows_span,
         "steady_cores": {g: sum(v.values()) for g, v in steady_groups.items()}, "steady_window_s": steady_span,
         "steady_stage_actor_cores": [round(steady[pid], 2) for pid in stage_pids],
@@ -276,7 +272,7 @@ def report(r: dict, sizes: dict[str, int], warmup: int) -> tuple[list[tuple], fl
     first = min(r["rows_at"].values()) - r["started"] if r["rows_at"] else float("nan")
     cpu = {group: sum(labels.values()) for group, labels in r["cpu"].items()}
     total_cpu = sum(cpu.values())
-    per_prompt = ", ".join(f"{r['calls_by_kind'][k] / max(n, 1):g} {k}" for k in KINDS)
+    per_prompt = ", ".join(f"{r['requests_by_kind'][k] / max(n, 1):g} {k}" for k in KINDS)
 
     def top(d: dict[str, float], k: int = 4) -> str:
         return ", ".join(f"{name} {t:.1f}" for name, t in sorted(d.items(), key=lambda kv: -kv[1])[:k] if t >= 0.05)
@@ -284,13 +280,15 @@ def report(r: dict, sizes: dict[str, int], warmup: int) -> tuple[list[tuple], fl
     rows = [
         ("prompts/s, end to end", f"**{rate:.1f}** ({n} answered, {r['failed']} failed, in {wall:.1f} s; pools and a {warmup}-prompt warm-up before)"),
         ("prompts/s, steady (rows 10%-90%)", f"{steady:.1f} (over {steady_s:.1f} s); first row after {first:.1f} s"),
-        ("model calls/s", f"{r['calls'] / wall:.0f} (per prompt: {per_prompt}); {r['requests'] / wall:.0f} requests/s, "
-                          f"{r['completions'] / wall:.0f} completions/s; backend busy {r['backend_busy_s']:.2f} s"),
+        ("model calls/s", f"{r['calls'] / wall:.0f}, each {r['requests'] / max(r['calls'], 1):.0f} requests of many prompts on average; "
+                          f"{r['requests'] / wall:.0f} requests/s (per prompt: {per_prompt}), {r['completions'] / wall:.0f} completions/s; "
+                          f"backend busy {r['backend_busy_s']:.2f} s"),
     ]  # fmt: skip
-    for name, s in r["stages"].items():
-        measured = f", Ray Data {s['out_bytes_per_row'] / 1024:.1f}" if s["out_bytes_per_row"] else ""
-        udf = f", batches in flight {s['udf_wall_s'] / s['active_s']:.1f} on average" if s["udf_wall_s"] and s["active_s"] else ""
-        rows.append((f"stage {name}", f"active {s['active_s']:.1f} s{udf}; state out {sizes.get(name, 0) / 1024:.1f} KB/row{measured}"))
+    s = r["stage"]
+    measured = f" (Ray Data: {s['out_bytes_per_row'] / 1024:.1f})" if s["out_bytes_per_row"] else ""
+    udf = f", batches in flight {s['udf_wall_s'] / s['active_s']:.1f} on average" if s["udf_wall_s"] and s["active_s"] else ""
+    growth = " -> ".join(f"{name} {b / 1024:.1f}" for name, b in sizes.items())
+    rows.append(("the method's stage", f"active {s['active_s']:.1f} s{udf}; state KB/row after each step: {growth}{measured}"))
     rows.append(("hand-offs, median per prompt", ", ".join(f"{k} {v:.2f} s" for k, v in handoffs(r).items())))
     stage_procs = sorted(r["cpu"]["stage actors"].values(), reverse=True)
     rows += [

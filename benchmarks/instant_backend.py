@@ -38,6 +38,7 @@ TEXTS = {
 }
 TOKENS = {kind: round(len(text.split()) * 1.3) for kind, text in TEXTS.items()}  # ~1.3 tokens per English word
 KINDS = ("response", "feedback", "edit", "select")
+_ANY = "all"  # `calls[_ANY]`: every call; `calls[kind]`: the calls that held a request of that kind
 
 
 def tagged(prompt_id: str, text: str) -> str:
@@ -74,24 +75,30 @@ class InstantBackend(Backend):
         repeat = int(spec.engine_kwargs.get("repeat", 1))
         self.texts = {kind: " ".join([text] * repeat) for kind, text in TEXTS.items()}  # feedback still starts with its level
         self.tokens = {kind: TOKENS[kind] * repeat for kind in TEXTS}
-        self.calls: Counter = Counter()  # model calls (one `chat`/`next_token_logprobs` of the pool) per kind
+        self.calls: Counter = Counter()  # model calls (one `chat`/`next_token_logprobs` of a replica), in all and per kind
         self.requests: Counter = Counter()
         self.completions = 0
         self.busy_s = 0.0  # inside this backend's methods: what a model would have spent
         self.arrivals: dict[str, dict[str, float]] = {}  # prompt tag -> kind -> time.time() of its first call
 
-    def _seen(self, kind: str, messages: tuple[dict, ...], count: int) -> None:
-        self.calls[kind] += 1
-        self.requests[kind] += count
-        tag = prompt_tag(messages)
-        if tag is not None:
-            self.arrivals.setdefault(tag, {}).setdefault(kind, time.time())
+    def _seen(self, kinds: list[str], requests: list) -> None:
+        """Book one call: the pool merges the calls of many prompts and steps, so each request counts on its own."""
+        self.calls[_ANY] += 1
+        now = time.time()
+        for kind in set(kinds):
+            self.calls[kind] += 1
+        for kind, r in zip(kinds, requests):
+            self.requests[kind] += 1
+            tag = prompt_tag(r.messages)
+            if tag is not None:
+                self.arrivals.setdefault(tag, {}).setdefault(kind, now)
 
     async def chat(self, requests: list[ChatRequest]) -> list[ChatResult]:
         started = time.perf_counter()
-        results = []
+        results, kinds = [], []
         for r in requests:
             kind = request_kind(r.messages)
+            kinds.append(kind)
             limit = r.sampling.max_tokens
             finish = "length" if self.tokens[kind] > limit else "stop"
             # a new string per completion, as a model's would be (no shared objects for pickle to dedupe)
@@ -99,7 +106,7 @@ class InstantBackend(Backend):
             results.append(ChatResult(completions, prompt_tokens(r.messages)))
             self.completions += len(completions)
         if requests:
-            self._seen(request_kind(requests[0].messages), requests[0].messages, len(requests))
+            self._seen(kinds, requests)
         self.busy_s += time.perf_counter() - started
         return results
 
@@ -107,7 +114,7 @@ class InstantBackend(Backend):
         started = time.perf_counter()
         results = [ScoreResult([-0.25 - 0.5 * k for k in range(len(r.choices))], prompt_tokens(r.messages)) for r in requests]
         if requests:
-            self._seen("select", requests[0].messages, len(requests))
+            self._seen(["select"] * len(requests), requests)
         self.busy_s += time.perf_counter() - started
         return results
 
@@ -115,7 +122,7 @@ class InstantBackend(Backend):
         started = time.perf_counter()
         results = [ScoreResult([0.5], prompt_tokens(r.messages)) for r in requests]
         if requests:
-            self._seen("select", requests[0].messages, len(requests))
+            self._seen(["select"] * len(requests), requests)
         self.busy_s += time.perf_counter() - started
         return results
 

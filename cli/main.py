@@ -247,13 +247,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     lands on, and whether it all fits. Exits 2, saying what to change, when it does not. Starts
     nothing.
     """
-    from engine.modes import MAX_STAGES
+    from engine.pipeline import STAGES
     from engine.placement import plan_pools
     from engine.planner import parse_cluster, plan_cluster
 
     cfg = load_config(args.config, args.set)
     cluster = parse_cluster(args.cluster)
-    plan = plan_cluster(cfg, plan_pools(cfg).values(), cluster, stage_actors=MAX_STAGES * cfg.pipeline.stage_actors)
+    plan = plan_cluster(cfg, plan_pools(cfg).values(), cluster, stage_actors=STAGES * cfg.pipeline.stage_actors)
     print(f"fescale plan: {args.config} (mode {cfg.mode}) on {cluster.text}: {cluster.describe()}\n")
     print(plan.table())
     print()

@@ -203,8 +203,8 @@ class PipelineConfig(StrictModel):
     """How rows stream through Ray Data (throughput only; results do not depend on it)."""
 
     batch_size: PositiveInt = Field(8, description="prompts per Ray Data batch")
-    max_concurrent_batches: PositiveInt = Field(4, description="batches in flight per stage actor")
-    stage_actors: PositiveInt = Field(1, description="Ray Data actors per stage (they only wait on pools)")
+    max_concurrent_batches: PositiveInt = Field(16, description="batches in flight per stage actor (each prompt moves through the steps on its own)")
+    stage_actors: PositiveInt = Field(1, description="Ray Data actors running the method (and, in distill, writing shards); they hold no model")
     stage_num_cpus: NonNegativeFloat = Field(0.1, description="logical CPUs reserved per stage actor")
     ready_timeout_s: PositiveFloat = Field(900.0, description="max wait for placement groups and model loading (also a restarting replica)")
     max_attempts: PositiveInt = Field(3, description="tries of one prompt's model call whose replica dies or hangs; then the prompt goes to the errors file")

@@ -12,6 +12,8 @@ import random
 import re
 from typing import Literal, Sequence
 
+import regex
+
 LEVELS = ("not", "slightly", "partially", "mostly", "perfectly")
 LEVEL_PREFIX = "The response is"
 
@@ -22,8 +24,10 @@ _LEVEL_RE = re.compile(
     re.IGNORECASE,
 )
 # The paper's constructive-criticism keywords: However, improve, lack, benefit, but. Counted
-# case-insensitively, with their word forms (improvement, lacks, beneficial, ...).
-_KEYWORD_RE = re.compile(r"\b(however|improv\w*|lack\w*|benefi\w*|but)\b", re.IGNORECASE)
+# case-insensitively, with their word forms (improvement, lacks, beneficial, ...): a word that starts
+# with improv/lack/benefi, or is however/but. The `regex` module (a dependency of transformers) finds
+# them 4x faster than `re`, which matters at 128 feedback per prompt (benchmarks.engine_overhead).
+_KEYWORD_RE = regex.compile(r"\b(?:however\b|improv|lack|benefi|but\b)", regex.IGNORECASE)
 
 
 def parse_level(text: str) -> str | None:

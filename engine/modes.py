@@ -23,12 +23,6 @@ class ModeSpec:
     editor_role: str = "editor"
     single_response: bool = False
 
-    @property
-    def stages(self) -> tuple[str, ...]:
-        """The pipeline's stages: one per model-calling step (filter/rerank runs in the feedback stage;
-        select always runs, and with one candidate takes it unscored)."""
-        return ("generate", *(("feedback",) if self.feedback else ()), *(("edit",) if self.edit != "none" else ()), "select")
-
 
 MODES: dict[str, ModeSpec] = {
     "feedback_edit": ModeSpec(
@@ -65,5 +59,3 @@ ModeName = Literal[
     "feedback_self_edit",
     "edit_without_feedback",
 ]
-
-MAX_STAGES = max(len(spec.stages) for spec in MODES.values())  # sizes the CPUs a job reserves for stage actors

@@ -1,14 +1,15 @@
-"""The plan as Ray Data: one `map_batches` stage per method step, streaming rows of whole prompts.
+"""The plan as Ray Data: one `map_batches` stage runs the method's steps over rows of whole prompts.
 
 Rows are `{id, state}` with `state` the prompt's `PromptState` as JSON: every candidate of a prompt
-stays in its row, so stages are one-in-one-out and never shuffle, and the row schema is the same
-string column at every stage (no Arrow type drift between batches with and without feedback).
+stays in its row, so the stage is one-in-one-out and never shuffles.
 
-Stage actors hold no model. Each is an async actor that runs the prompts of several batches at once
-and awaits the role pools, which batch the calls of all stages together; so a stage costs a tenth
-of a CPU and the model replicas stay busy while rows stream from generate to select. A step that
-calls no model (filter/rerank) runs in the stage of the step before it: its own stage would cost
-an actor process and a hand-off of every row for microseconds of work.
+The stage actors hold no model. Each is an async actor that runs the prompts of several batches at
+once, each prompt through all its steps on its own, awaiting the role pools, which batch the calls of
+all prompts and steps together: so the model replicas stay busy while rows stream from generate to
+select. All steps share one stage because a stage per step would buy nothing but cost: every hand-off
+re-encodes the row (tens of KB of JSON once feedback is in), converts it to Arrow and moves it to
+another process, and the engine-overhead benchmark measured that as most of the engine's CPU per
+prompt. Prompts in flight: `batch_size x max_concurrent_batches x stage_actors`.
 """
 
 from __future__ import annotations
@@ -28,8 +29,11 @@ from engine.steps import Step
 log = logging.getLogger("fescale")
 
 
+STAGES = 2  # stage-actor pools a job starts at most: the method's, and distill's shard writers
+
+
 class StageActor:
-    """Runs a stage's steps over a batch of rows. What fails for one prompt fails only its row, which
+    """Runs the method's steps over a batch of rows. What fails for one prompt fails only its row, which
     carries its error on: a `PromptError` with its message, and any other exception of a step (a chat
     template, a tokenizer, a bug met by one prompt's data) as an internal error of that step, with
     its traceback in the "fescale" debug log. A `BackendError` or `ConfigError` is everyone's (a model
@@ -96,29 +100,16 @@ def to_dataset(states: list[PromptState], batch_size: int) -> ray.data.Dataset:
     return ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / batch_size)))
 
 
-def stages(steps: list[Step]) -> list[list[Step]]:
-    """Steps grouped into stages: each model-calling step with the model-free steps after it."""
-    grouped: list[list[Step]] = []
-    for step in steps:
-        if step.calls_model or not grouped:
-            grouped.append([step])
-        else:
-            grouped[-1].append(step)
-    return grouped
-
-
 def build_pipeline(ds: ray.data.Dataset, steps: list[Step], cfg: PipelineConfig) -> ray.data.Dataset:
-    for stage in stages(steps):
-        ds = ds.map_batches(
-            StageActor,
-            fn_constructor_kwargs={"steps": stage},
-            batch_size=cfg.batch_size,
-            compute=ray.data.ActorPoolStrategy(
-                size=cfg.stage_actors,
-                max_tasks_in_flight_per_actor=cfg.max_concurrent_batches,
-                max_concurrent_calls_per_actor=cfg.max_concurrent_batches,
-            ),
-            num_cpus=cfg.stage_num_cpus,
-            udf_modifying_row_count=False,
-        )
-    return ds
+    return ds.map_batches(
+        StageActor,
+        fn_constructor_kwargs={"steps": steps},
+        batch_size=cfg.batch_size,
+        compute=ray.data.ActorPoolStrategy(
+            size=cfg.stage_actors,
+            max_tasks_in_flight_per_actor=cfg.max_concurrent_batches,
+            max_concurrent_calls_per_actor=cfg.max_concurrent_batches,
+        ),
+        num_cpus=cfg.stage_num_cpus,
+        udf_modifying_row_count=False,
+    )

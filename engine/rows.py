@@ -1,6 +1,6 @@
 """The row that flows through the pipeline: one per prompt, all candidates nested inside.
 
-`PromptState` is both the in-flight state between Ray Data stages and, once `final` is set, the
+`PromptState` is both the in-flight state Ray Data carries through the pipeline and, once `final` is set, the
 public output row (documented in README "Output format"). Keeping every candidate of a prompt in
 one row means no stage ever needs a shuffle or a join.
 """

@@ -17,8 +17,7 @@ from actors.errors import unwrap_ray_error
 from engine.cluster import connect
 from engine.config import FescaleConfig
 from engine.inputs import Prompt
-from engine.modes import MAX_STAGES
-from engine.pipeline import build_pipeline, to_dataset
+from engine.pipeline import STAGES, build_pipeline, to_dataset
 from engine.placement import plan_pools, reserved_resources
 from engine.planner import check_cluster
 from engine.pools import Pools
@@ -40,7 +39,7 @@ def init_ray(cfg: FescaleConfig, address: str | None = None, *, serving: bool = 
         s = cfg.serve
         others = s.num_cpus * int((s.autoscaling or {}).get("max_replicas", s.num_replicas))
     else:
-        others = MAX_STAGES * cfg.pipeline.stage_actors * cfg.pipeline.stage_num_cpus
+        others = STAGES * cfg.pipeline.stage_actors * cfg.pipeline.stage_num_cpus
     connect(address, replicas_cpus + others, metrics_port=metrics_port)
 
 
@@ -74,7 +73,7 @@ def execute(
     progress: bool = True,
     on_rows: Callable[[list[PromptState]], None] | None = None,
 ) -> Summary:
-    """Run prompts held by the driver through the mode's stages into a driver-side `sink`
+    """Run prompts held by the driver through the method's stage into a driver-side `sink`
     (`fescale run`, the benchmarks); returns the completed summary."""
     states = new_states(cfg, prompts)
 
@@ -106,7 +105,7 @@ def run_stream(
     progress: bool = True,
     finish: tuple[dict, int] | None = None,
 ) -> None:
-    """Stream pipeline rows `{id, state}` through the mode's stages; `on_batch` hears each finished
+    """Stream pipeline rows `{id, state}` through the method's stage; `on_batch` hears each finished
     batch and says how many prompts it held (the progress bar). `finish` = (map_batches arguments,
     batch size) of a last stage that consumes the rows where they are (the distill writers).
 
@@ -117,7 +116,7 @@ def run_stream(
     ctx.print_on_execution_start = False
     with contextlib.ExitStack() as stack:
         if pools is None:
-            stage_actors = (len(cfg.spec.stages) + (finish is not None)) * cfg.pipeline.stage_actors
+            stage_actors = (1 + (finish is not None)) * cfg.pipeline.stage_actors
             check_cluster(cfg, plan_pools(cfg).values(), stage_actors)
             pools = stack.enter_context(Pools(cfg))
         summary.loaded()

@@ -23,7 +23,6 @@ LEVEL_CHOICES = tuple(f" {level}" for level in method.LEVELS)
 
 class Step(abc.ABC):
     name: str
-    calls_model = True  # False: pure bookkeeping on the state (the pipeline runs it with the step before)
 
     @abc.abstractmethod
     async def run(self, state: PromptState) -> None: ...
@@ -92,7 +91,6 @@ class FilterStep(Step):
     """Drop perfectly-helpful and unparseable feedback, rerank by keywords, keep E, form sets."""
 
     name = "filter"
-    calls_model = False
 
     def __init__(self, cfg: FeedbackConfig, seed: int):
         self.cfg, self.seed = cfg, seed
@@ -218,7 +216,7 @@ def build_steps(cfg: FescaleConfig, client_for: Callable[[str], ModelClient]) ->
 async def run_steps(
     steps: list[Step], state: PromptState, on_step: Callable[[str, float], None] | None = None
 ) -> PromptState:
-    """Run one prompt through all steps (the Serve app's path; the pipeline runs them as stages).
+    """Run one prompt through all steps (the Serve app's path; the pipeline's stage actor runs its own loop).
 
     `on_step(name, seconds)` hears each step's wall time (the Serve app's per-stage latency metric).
     """

@@ -46,7 +46,7 @@ def test_the_instant_backend_answers_every_method_in_shape():
     assert [len(s.scores) for s in scores] == [1, 3] and len(classified.scores) == 1
     assert all(r.prompt_tokens > 0 for r in [responses, *feedback, edited, *scores, classified])
     info = backend.info()
-    assert info["calls"] == {"response": 1, "feedback": 1, "edit": 1, "select": 2}
+    assert info["calls"] == {"all": 5, "response": 1, "feedback": 1, "edit": 1, "select": 2}
     assert info["requests"] == {"response": 1, "feedback": 2, "edit": 1, "select": 3}
     assert info["completions"] == 8 + 32 + 1 and set(info["arrivals"]["p7"]) == {"response", "feedback", "edit", "select"}
 
@@ -62,7 +62,7 @@ def test_the_workload_is_n8_m16_all_kept_six_sets_one_edit_each():
         assert len(cand.edits) == 6
     assert state.final and state.selected is not None
     sizes = state_bytes(cfg)
-    assert list(sizes) == ["input", "generate", "feedback", "edit", "select"] and sizes["select"] > sizes["generate"] > sizes["input"]
+    assert list(sizes) == ["input", "generate", "feedback", "filter", "edit", "select"] and sizes["select"] > sizes["generate"] > sizes["input"]
 
 
 def test_a_small_run_goes_through_the_real_pools_and_stages(ray_session):
@@ -70,6 +70,7 @@ def test_a_small_run_goes_through_the_real_pools_and_stages(ray_session):
     r = measure(cfg, synthetic(16), synthetic(2, prefix="w"))
     assert (r["answered"], r["failed"]) == (16, 0), r["errors"]
     assert sorted(r["rows_at"]) == sorted(f"p{k}" for k in range(16)) == sorted(r["seen_at"])
-    assert r["calls_by_kind"] == {"response": 16, "feedback": 16, "edit": 16, "select": 16}  # the warm-up is not counted
-    assert list(r["stages"]) == ["generate", "feedback", "edit", "select"]
+    # the warm-up is not counted; the pool merges the calls of many prompts and steps
+    assert r["requests_by_kind"] == {"response": 16 * 1, "feedback": 16 * 8, "edit": 16 * 48, "select": 16 * 48, "all": 0}
+    assert 0 < r["calls"] < 16 * 4 and r["stage"]["active_s"] > 0
     assert r["cpu"]["driver"] and r["cpu"]["model replica"]

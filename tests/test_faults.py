@@ -51,12 +51,15 @@ def _pids(replicas):
 
 
 def test_a_replica_killed_mid_run_is_restarted_and_every_prompt_is_written_once(ray_session, tiny_model, tmp_path):
-    cfg = make_config(tiny_model, generate={"num_responses": 2, "max_tokens": 16})
+    """One batch in flight at a time: the first rows come back while later batches still need the
+    replica (with every prompt in flight at once, the pool merges their calls and they all finish
+    together, so a kill after the first rows would find nothing left to do)."""
+    cfg = make_config(tiny_model, generate={"num_responses": 2, "max_tokens": 16}, pipeline={"batch_size": 2, "max_concurrent_batches": 1, "ready_timeout_s": 300})
     killed = []
 
     def kill_after_first_rows(pids):
         def on_rows(rows):
-            if not killed:  # later prompts are in flight in every stage now
+            if not killed:  # later prompts still need the replica
                 os.kill(pids[0], signal.SIGKILL)
                 killed.append(pids[0])
 

@@ -135,28 +135,11 @@ def test_a_replica_no_node_can_hold_is_refused_at_once(ray_session, tiny_model):
         Pools(cfg).start()
 
 
-def test_a_model_free_step_rides_in_the_stage_before_it(tiny_model):
-    """filter/rerank costs microseconds: it runs in the feedback stage, not in an actor of its own."""
-    from engine.modes import MAX_STAGES
-    from engine.pipeline import stages
-    from engine.steps import build_steps
-
-    for mode in ("feedback_edit", "edit_without_feedback", "greedy"):
-        cfg = make_config(tiny_model, mode=mode)
-        grouped = [[s.name for s in stage] for stage in stages(build_steps(cfg, lambda role: None))]
-        assert len(grouped) <= MAX_STAGES and all(stage[0] != "filter" for stage in grouped)
-        assert [stage[0] for stage in grouped] == list(cfg.spec.stages)  # the modes' stage list is the pipeline's
-        if mode == "feedback_edit":
-            assert grouped == [["generate"], ["feedback", "filter"], ["edit"], ["select"]]
-
-
 # -- one prompt's failure in a stage is its row's error; a systemic one stops the job (no Ray needed) --
 
 
 class FakeStep:
     """A step that writes a final answer, or raises `fail(state)` when that returns an exception."""
-
-    calls_model = True
 
     def __init__(self, name, fail=lambda state: None):
         self.name, self.fail = name, fail
