@@ -1,8 +1,8 @@
 """Chaos run: inject real faults into real runs and count what was lost, duplicated or failed.
 
 Faults, each on the embedded model on a local Ray cluster:
-- `replica SIGKILL`: the pool's model replica process is killed (SIGKILL) while prompts are in flight
-  in every stage, `--kills` times; Ray restarts it and the calls it held are retried.
+- `replica SIGKILL`: the pool's model replica process is killed (SIGKILL) while prompts are in flight,
+  `--kills` times; Ray restarts it and the calls it held are retried.
 - `poison prompts`: prompts that crash their replica every time they reach it
   (`benchmarks.faults.FaultyBackend` around the HF backend); each is tried `pipeline.max_attempts` times alone, then written to the
   errors file while the rest of the run goes on.
@@ -48,7 +48,10 @@ from engine.sinks import JsonlSink
 from engine.summary import Summary, format_table
 
 REPO = Path(__file__).resolve().parent.parent
-SMALL = ["generate.max_tokens=16", "feedback.max_tokens=12", "edit.max_tokens=16", "roles.generator.num_cpus=1", "roles.generator.threads=2", "pipeline.batch_size=2"]
+# One batch of 2 in flight at a time: the kills are scheduled by finished rows, and with every prompt
+# in flight at once the pool merges their calls, so they would all finish before the first kill.
+SMALL = ["generate.max_tokens=16", "feedback.max_tokens=12", "edit.max_tokens=16", "roles.generator.num_cpus=1", "roles.generator.threads=2",
+         "pipeline.batch_size=2", "pipeline.max_concurrent_batches=1"]  # fmt: skip
 POISON = "POISON"
 
 

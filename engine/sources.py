@@ -1,9 +1,10 @@
 """Prompt files by URI into Ray Data: read and parsed on the workers, only ids reach the driver.
 
 `read_input(uri, ...)` lists the input (one file, or every .jsonl/.jsonl.gz/.parquet under a
-folder or prefix, on any filesystem `engine.storage` resolves), reads the files with Ray Data's
-binary reader and parses each line or Parquet row on the workers with `engine.inputs.parse_line`
-/ `parse_row`. A malformed row becomes an error row (stage "input", id `source:line`) that flows
+folder or prefix, on any filesystem `engine.storage` resolves), reads each file in a Ray Data task
+(the bytes as stored: fescale inflates a .gz itself, so a corrupt one is an error row of its file
+where Ray Data's own reader would fail the job) and parses each line or Parquet row on the workers
+with `engine.inputs.parse_line` / `parse_row`. A malformed row becomes an error row (stage "input", id `source:line`) that flows
 to the errors files like a failed prompt, so it is recorded once and skipped on resume. The driver
 sees only (id, source, line) of each row, to drop duplicates, skip what an earlier run committed
 and apply `--limit`; the prompts themselves stay in the object store.
@@ -53,6 +54,17 @@ def list_inputs(uri: str) -> tuple[object, list[str]]:
             return loc.fs, paths
         raise InputError(f"input {uri} holds no prompt files ({', '.join(EXTENSIONS)})")
     raise InputError(f"input {uri} does not exist")
+
+
+def _read_file(row: dict, fs) -> list[dict]:
+    """One input file's rows; a file that cannot be read is one error row (line 0), not a failed job."""
+    path = row["path"]
+    try:
+        with fs.open_input_stream(path, compression=None) as f:
+            data = f.readall()
+    except OSError as e:
+        return [_row(InputErrorRow(path, 0, f"file unreadable: {e}"), path)]
+    return _parse_file({"path": path, "bytes": data})
 
 
 def _parse_file(row: dict) -> list[dict]:
@@ -127,8 +139,8 @@ def read_input(
     regrouped into blocks of one batch each: that is what lets a stage's batches run concurrently and
     the first shards be written while later prompts still generate."""
     fs, paths = files
-    parsed = ray.data.read_binary_files(paths, filesystem=fs, include_paths=True, num_cpus=num_cpus)
-    blocks = parsed.flat_map(_parse_file, num_cpus=num_cpus).materialize().to_arrow_refs()
+    files_ds = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=len(paths))
+    blocks = files_ds.flat_map(_read_file, fn_kwargs={"fs": fs}, num_cpus=num_cpus).materialize().to_arrow_refs()
     counts, seen, kept = InputCounts(), set(), []  # kept: (block, position, duplicate id or "")
     for b, keys in enumerate(ray.get([_keys.remote(ref) for ref in blocks])):
         for position, (row_id, line, error) in enumerate(zip(keys["id"], keys["line"], keys["error"])):

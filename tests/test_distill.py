@@ -143,6 +143,31 @@ def test_distill_cli_resumes_with_every_prompt_once_and_records_bad_rows(tmp_pat
     assert changed.returncode == 2 and "resume with the same config" in changed.stderr and "Traceback" not in changed.stderr
 
 
+def test_distill_reads_a_helpsteer3_folder_as_published(tmp_path, tiny_model):
+    """A HelpSteer3 subset folder (`train.jsonl.gz`, `validation.jsonl.gz`, rows with `context` and no
+    id) is read as it is: every .jsonl.gz under the input, each prompt with its content-hash id. A
+    .gz beside them that is not gzip, or is cut short, is one input error of its file; the job goes on."""
+    import gzip
+    import shutil
+
+    from conftest import SHARED
+    from engine.inputs import read_prompts
+
+    source = tmp_path / "helpsteer3" / "feedback"
+    shutil.copytree(SHARED / "fixtures" / "helpsteer3" / "feedback", source)
+    expected = sorted({p.id for f in sorted(source.glob("*.jsonl.gz")) for p in read_prompts(f)[0]})
+    (source / "not-gzip.jsonl.gz").write_bytes(b'{"prompt": "plain text under a .gz name"}\n')
+    packed = gzip.compress(b'{"prompt": "hi"}\n' * 3)
+    (source / "cut.jsonl.gz").write_bytes(packed[:-8])
+    args, _, out = tiny_job(tmp_path, tiny_model, [])
+    args[args.index("--input") + 1] = str(tmp_path / "helpsteer3")
+    result = subprocess.run([sys.executable, "-m", "cli", "distill", *args], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(expected) >= 4 and data_ids(out) == expected
+    errors = sorted(json.loads(line)["id"].rsplit("/", 1)[-1] for f in (out / "errors").glob("*.jsonl") for line in open(f))
+    assert errors == ["cut.jsonl.gz:0", "not-gzip.jsonl.gz:0"]
+
+
 @pytest.mark.slow
 def test_a_distill_killed_mid_run_resumes_with_every_prompt_exactly_once(tmp_path, tiny_model):
     """SIGKILL of the driver and its local Ray cluster once 2 shards are committed (shards in flight
