@@ -5,7 +5,7 @@ Each class says whose fault it is and how a caller reacts, in one place:
   `PromptError` in the errors file and goes on with the other prompts, and stops with one line on a
   `BackendError` (a model or endpoint that is gone for every prompt);
 - the Serve app answers every error with its `status`, OpenAI error `type` and `code` (one mapping,
-  `engine.http_errors.error_response`); nothing decides a status by reading a message.
+  `engine.openai_protocol.error_response`); nothing decides a status by reading a message.
 
 `unwrap_ray_error` is the one place that digs fescale's own error out of Ray's wrapping.
 """
@@ -63,6 +63,13 @@ class RequestError(PromptError):
         super().__init__(message)
 
 
+class RequestTooLargeError(RequestError):
+    """The request body is over the server's size limit (checked before it is read whole)."""
+
+    status = 413
+    code = "request_too_large"
+
+
 class ContextLengthError(RequestError):
     """The prompt (with what the request asks to generate) does not fit the model's context."""
 
@@ -85,12 +92,17 @@ class AuthError(FescaleError):
 
 
 class NotFoundError(FescaleError):
-    """The request names a model this server does not serve."""
+    """The request names something this server does not have (a model, a route that is off)."""
 
     status = 404
     type = "not_found_error"
-    code = "model_not_found"
-    param = "model"
+    code = "not_found"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        self.param = param
+        if code is not None:
+            self.code = code
+        super().__init__(message)
 
 
 class BackendError(FescaleError):

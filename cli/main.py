@@ -184,6 +184,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     Starts the role pools of every served mode and an OpenAI-compatible app (/v1/chat/completions,
     /v1/models, /health) on Ray Serve; runs until Ctrl-C. Requests pick mode and knobs in
     `fescale: {...}` (openai client: extra_body). Settings live in the config's `serve:` section.
+    API keys come from serve.api_keys or the FESCALE_API_KEYS environment variable of this command;
+    a --host other than loopback needs keys (or serve.allow_unauthenticated=true).
     """
     import time
 
@@ -192,7 +194,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.print_config:
         print(cfg.to_yaml())
         return 0
-    from engine.serve_app import run_app, serve_config_file
+    from engine.serve_app import api_keys, check_exposure, run_app, serve_config_file
 
     if args.write_serve_config:
         Path(args.write_serve_config).write_text(serve_config_file(cfg))
@@ -203,6 +205,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from engine.placement import check_models
     from engine.runner import init_ray
 
+    check_exposure(cfg, api_keys(cfg))  # before anything starts: an open server beyond loopback is refused
     check_models(cfg, cfg.served_modes())
     init_ray(cfg, args.address, serving=True, metrics_port=args.metrics_port)
     started = time.monotonic()

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, field_validator, model_validator
+from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, SecretStr, field_validator, model_validator
 
 from actors.registry import BUILTIN, IMPORT_PATH
 from engine import templates
@@ -226,6 +226,9 @@ class ServeCaps(StrictModel):
     max_feedback_per_request: PositiveInt = Field(256, description="N x M, all feedback of one request")
     max_edits_per_set: PositiveInt = Field(4, description="K, edits per feedback set")
     max_tokens: PositiveInt = Field(4096, description="the generator's max_tokens")
+    max_model_calls: PositiveInt = Field(
+        1024, description="responses + feedback + edits + scorings one request may cause (engine.knobs.model_calls): the knobs' product"
+    )
 
 
 class ServeConfig(StrictModel):
@@ -241,9 +244,21 @@ class ServeConfig(StrictModel):
     max_queued_requests: int = Field(64, ge=-1, description="requests waiting for an ingress replica; beyond: 503 (-1: unbounded)")
     retry_after_s: NonNegativeFloat = Field(5.0, description="Retry-After of a 503 over the queue limit")
     num_cpus: NonNegativeFloat = Field(0.1, description="logical CPUs reserved per ingress replica (it only awaits the pools)")
-    api_keys: list[str] = Field(default_factory=list, description="bearer tokens accepted; empty and no api_keys_env set: no auth")
-    api_keys_env: str = Field("FESCALE_API_KEYS", description="environment variable with more comma-separated keys")
+    api_keys: list[SecretStr] = Field(default_factory=list, description="bearer tokens accepted (never printed or written back)")
+    api_keys_env: str = Field("FESCALE_API_KEYS", description="environment variable with more comma-separated keys, read where the app is built")
+    allow_unauthenticated: bool = Field(False, description="serve a non-loopback host without API keys, on purpose")
+    openapi: bool = Field(False, description="serve /openapi.json and /docs (off: a public server does not describe itself)")
+    max_request_bytes: PositiveInt = Field(1 << 20, description="request body limit; larger: 413 before it is read whole")
+    max_messages: PositiveInt = Field(512, description="messages per request")
+    max_json_depth: PositiveInt = Field(32, description="nesting of the request's JSON")
     caps: ServeCaps = Field(default_factory=ServeCaps)
+
+    @field_validator("api_keys")
+    @classmethod
+    def _not_masked(cls, keys: list[SecretStr]) -> list[SecretStr]:
+        if any(set(k.get_secret_value()) <= {"*"} for k in keys):
+            raise ValueError("a key of only '*' is the mask of a printed config, not a key: set the real key (or FESCALE_API_KEYS)")
+        return keys
 
 
 class FescaleConfig(StrictModel):

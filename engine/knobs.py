@@ -7,6 +7,8 @@ goes through the same validation as a YAML config, then through the server's cap
 
 from __future__ import annotations
 
+import math
+
 from engine.config import FescaleConfig, PlanItem, build_config
 from actors.errors import ConfigError, RequestError
 from engine.modes import MODES
@@ -57,6 +59,28 @@ def request_config(base: FescaleConfig, req: ChatCompletionRequest) -> FescaleCo
     return cfg
 
 
+def model_calls(cfg: FescaleConfig) -> int:
+    """The most model calls one prompt of this config can cause: sampled sequences (responses,
+    feedback, edits), guided-level scorings and select's scorings. Each knob is capped on its own,
+    but their product is what costs: N=16 with 64 feedback in partitioned sets and 4 edits each is
+    thousands of calls from one request."""
+    n, spec = cfg.generate.num_responses, cfg.spec
+    calls, sets = n, 1
+    if spec.feedback:
+        m = cfg.feedback.samples
+        calls += n * m + (n if cfg.feedback.guided_level else 0)
+        if cfg.feedback.sets == "partition":
+            sets = math.ceil(min(cfg.feedback.effective or m, m) / cfg.feedback.set_size)
+    candidates = n
+    if spec.edit != "none":
+        edits = n * (sets if spec.edit == "with_feedback" else 1) * cfg.edit.edits_per_set
+        calls += edits
+        candidates = edits + (n if cfg.select.include_originals else 0)
+    if spec.select and candidates > 1:
+        calls += candidates - 1 if cfg.select.scorer == "generative" else candidates  # knockout: at most one contest per loser
+    return calls
+
+
 def check_caps(cfg: FescaleConfig, base: FescaleConfig) -> None:
     """Limits on what a request asks for; the server's own defaults are the operator's choice, not capped."""
     caps = base.serve.caps
@@ -68,6 +92,7 @@ def check_caps(cfg: FescaleConfig, base: FescaleConfig) -> None:
             limits += [("fescale.feedback_samples", m, "max_feedback_samples"), ("num_responses x feedback_samples", n * m, "max_feedback_per_request")]
         if c.spec.edit != "none":
             limits.append(("fescale.edits_per_set", c.edit.edits_per_set, "max_edits_per_set"))
+        limits.append(("model calls (responses, feedback, edits and scores)", model_calls(c), "max_model_calls"))
         return limits
 
     defaults = {name: value for name, value, _ in work(base)}

@@ -101,14 +101,30 @@ class ChatCompletionRequest(_Lenient):
         return [m.as_message() for m in self.messages]
 
 
-def parse_request(body: bytes) -> ChatCompletionRequest:
-    """The request body, or a `RequestError` (400) that says what is wrong and where."""
+INT64 = 2**63 - 1
+
+
+def parse_request(body: bytes, max_depth: int = 32, max_messages: int = 512) -> ChatCompletionRequest:
+    """The request body, or a `RequestError` (400) that says what is wrong and where.
+
+    What Python's own JSON decoding would turn into a 500 is caught here, before any work: nesting
+    deeper than `max_depth` (json.loads itself fails with RecursionError near 1,000 levels), integers
+    beyond 64 bits (over 4,300 digits json.loads raises ValueError), text that UTF-8 cannot hold (a
+    lone surrogate such as "\\ud800" parses, then fails when a tokenizer or a log encodes it), and more
+    than `max_messages` messages."""
     try:
         data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RequestError(f"request body is not valid JSON: {e}", code="invalid_json") from None
+    except RecursionError:
+        raise RequestError(f"request body nests deeper than {max_depth} levels", code="invalid_json") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer of more than 4,300 digits
+        reason = "an integer is too large" if "integer string conversion" in str(e) else f"{e}"
+        raise RequestError(f"request body is not valid JSON: {reason}", code="invalid_json") from None
+    check_values(data, max_depth)
     if not isinstance(data, dict):
         raise RequestError("request body must be a JSON object", code="invalid_json")
+    messages = data.get("messages")
+    if isinstance(messages, list) and len(messages) > max_messages:
+        raise RequestError(f"messages: {len(messages)} messages; this server takes at most {max_messages} (serve.max_messages)", param="messages")
     try:
         return ChatCompletionRequest.model_validate(data)
     except ValidationError as e:
@@ -122,17 +138,46 @@ def parse_request(body: bytes) -> ChatCompletionRequest:
         raise RequestError(f"{param}: {message}" if param else message, param=param) from None
 
 
+def check_values(data: Any, max_depth: int) -> None:
+    """Walk parsed JSON without recursion: depth, 64-bit integers and encodable text; a `RequestError`
+    names the first offending field (`messages.0.content`)."""
+    stack: list[tuple[Any, str, int]] = [(data, "", 1)]
+    while stack:
+        value, path, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            if depth > max_depth:
+                raise RequestError(f"{path or 'request body'}: nested deeper than {max_depth} levels (serve.max_json_depth)", param=path or None, code="invalid_json")
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            for key, item in items:
+                if isinstance(key, str):
+                    _check_text(key, f"a key in {path or 'the request body'}", path)
+                stack.append((item, f"{path}.{key}" if path else str(key), depth + 1))
+        elif isinstance(value, str):
+            _check_text(value, path or "request body", path)
+        elif isinstance(value, int) and not isinstance(value, bool) and not -INT64 - 1 <= value <= INT64:
+            raise RequestError(f"{path or 'request body'}: integer out of range (64-bit)", param=path or None)
+
+
+def _check_text(text: str, where: str, param: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RequestError(f"{where}: not valid Unicode (a lone surrogate at character {e.start})", param=param or None) from None
+
+
 def error_response(error: BaseException, request_id: str) -> tuple[int, dict]:
     """The one exception -> HTTP mapping: (status, OpenAI error body).
 
     A fescale error answers with its own class's status, type and code (`actors.errors`), so a
     client's SDK raises its usual exception (`openai.BadRequestError`, `AuthenticationError`, ...).
-    Anything else is an internal fault: the body says only that, with the request id that finds the
-    details in the server log."""
+    A 4xx says what to change. A 500 (ours: a backend, a crash, a bug) says only "internal error"
+    with the request id; its detail (an endpoint's URL, a path, a process id) goes to the server log."""
     if isinstance(error, FescaleError):
         status, kind, code, message = error.status, error.type, error.code, str(error)
     else:
-        status, kind, code, message = 500, "server_error", "internal_error", f"internal error (request id {request_id})"
+        status, kind, code, message = 500, "server_error", "internal_error", ""
+    if status == 500:
+        message = f"internal error (request id {request_id})"
     return status, {"error": {"message": message, "type": kind, "param": getattr(error, "param", None), "code": code}}
 
 

@@ -9,12 +9,19 @@ those shared pools, so concurrent requests are batched together by the model rep
 Backpressure is Serve's own: `serve.max_ongoing_requests` per ingress replica, then
 `serve.max_queued_requests` waiting, then 503 with `Retry-After: serve.retry_after_s`.
 
+Hostile input is refused before any work (`serve.max_request_bytes`, `max_messages`, `max_json_depth`,
+64-bit integers, text UTF-8 can hold, `serve.caps` on every knob and on the model calls in all), and
+auth fails closed: the API keys are resolved where the app is built (the `fescale serve` process, or
+Serve's application builder), handed to the ingress, and never written into a config; an app on a
+non-loopback host without keys is refused unless `serve.allow_unauthenticated` says so.
+
 `build_app` is the application builder a Serve config file names (`fescale serve --write-serve-config`).
 """
 
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import logging
 import os
 import time
@@ -22,13 +29,14 @@ import uuid
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from engine.pools import PoolClients, Pools
 from engine.config import FescaleConfig, build_config, load_config
-from actors.errors import AuthError, ConfigError, NotFoundError
+from actors.errors import AuthError, ConfigError, NotFoundError, RequestTooLargeError
 from engine.knobs import request_config
 from engine.openai_protocol import ChatCompletionRequest, Completion, error_response, parse_request
 from engine.rows import Message, PromptState
@@ -38,19 +46,59 @@ from engine.steps import build_steps, run_steps
 log = logging.getLogger("fescale")
 APP_NAME = "fescale"
 
-api = FastAPI(title="fescale", description="OpenAI-compatible Feedback-Edit inference-time scaling")
+# FastAPI's own /docs, /redoc and /openapi.json are off: the app serves its schema only when
+# `serve.openapi` is on (the routes below), so a public server does not describe itself to anyone.
+api = FastAPI(
+    title="fescale", description="OpenAI-compatible Feedback-Edit inference-time scaling", docs_url=None, redoc_url=None, openapi_url=None
+)
 
 
 def _error(error: Exception) -> JSONResponse:
     """The error's response (`error_response`); a 5xx is logged here with its request id.
 
-    Defined above the deployments: `serve.ingress` pickles the routes when the class is defined, and
-    a name the module defines later would be missing in the replica."""
+    This and the helpers below are defined above the deployments: `serve.ingress` pickles the routes
+    when the class is defined, and a name the module defines later would be missing in the replica."""
     request_id = uuid.uuid4().hex
     status, body = error_response(error, request_id)
     if status >= 500:
         log.error("request %s failed: %s", request_id, error, exc_info=error)
     return JSONResponse(body, status_code=status)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused (413) as soon as it is over `limit` bytes: by its Content-Length, or
+    while it streams in, so an oversized body is never held whole."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise RequestTooLargeError(f"request body is {int(declared)} bytes; this server takes at most {limit} (serve.max_request_bytes)")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestTooLargeError(f"request body is over {limit} bytes (serve.max_request_bytes)")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def api_keys(cfg: FescaleConfig) -> list[str]:
+    """The keys the app accepts: `serve.api_keys` and the comma-separated `serve.api_keys_env` of this
+    process's environment (where the app is built, not where its replicas happen to run)."""
+    from_env = os.environ.get(cfg.serve.api_keys_env, "").split(",")
+    return [k.strip() for k in [*(key.get_secret_value() for key in cfg.serve.api_keys), *from_env] if k.strip()]
+
+
+def check_exposure(cfg: FescaleConfig, keys: list[str]) -> None:
+    """Fail closed: no keys on a host other clients can reach is refused unless explicitly allowed."""
+    host = cfg.serve.host
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not keys and not loopback and not cfg.serve.allow_unauthenticated:
+        raise ConfigError(
+            f"serve.host={host} takes connections from other machines, and no API key is set: set {cfg.serve.api_keys_env} "
+            "(comma-separated keys) or serve.api_keys, or serve.allow_unauthenticated=true to serve without auth on purpose"
+        )
 
 
 @serve.deployment(name="FescalePools", num_replicas=1, ray_actor_options={"num_cpus": 0})
@@ -77,12 +125,12 @@ class FescalePools:
 class FescaleAPI:
     """The HTTP routes: /v1/chat/completions, /v1/models, /health."""
 
-    def __init__(self, pools: DeploymentHandle, config: dict[str, Any]):
+    def __init__(self, pools: DeploymentHandle, config: dict[str, Any], api_keys: list[str]):
         self.cfg = build_config(config, "serve app config")
+        check_exposure(self.cfg, api_keys)  # also here: a deployment made without `fescale_app` fails closed too
         self.pools = pools
         self._clients: PoolClients | None = None
-        env_keys = os.environ.get(self.cfg.serve.api_keys_env, "")
-        self.api_keys = [k for k in [*self.cfg.serve.api_keys, *env_keys.split(",")] if k.strip()]
+        self.api_keys = api_keys
         self.metrics = ServeMetrics()
         self.ongoing = 0
 
@@ -92,18 +140,38 @@ class FescaleAPI:
         return self._clients
 
     def authorize(self, request: Request) -> None:
-        if not self.api_keys:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not any(hmac.compare_digest(token.strip(), k) for k in self.api_keys):
+        if not self.authorized(request):
             raise AuthError("missing or invalid API key: send `Authorization: Bearer <key>`")
 
+    def authorized(self, request: Request) -> bool:
+        if not self.api_keys:
+            return True
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        token = token.strip().encode("utf-8", "surrogateescape")
+        return scheme.lower() == "bearer" and any(hmac.compare_digest(token, k.encode()) for k in self.api_keys)
+
     @api.get("/health")
-    async def health(self) -> JSONResponse:
-        """200 "ok"; 503 "degraded" while a model replica is down (restarting), with per-pool counts."""
+    async def health(self, request: Request) -> JSONResponse:
+        """200 "ok"; 503 "degraded" while a model replica is down (restarting). Per-pool counts and
+        process ids only for a caller with a valid key: a load balancer needs no more than the status."""
         pools = await self.pools.status.remote()
         degraded = any(p["ready"] < p["replicas"] for p in pools.values())
-        return JSONResponse({"status": "degraded" if degraded else "ok", "pools": pools}, status_code=503 if degraded else 200)
+        body: dict[str, Any] = {"status": "degraded" if degraded else "ok"}
+        if self.authorized(request):
+            body["pools"] = pools
+        return JSONResponse(body, status_code=503 if degraded else 200)
+
+    @api.get("/openapi.json", include_in_schema=False)
+    async def openapi(self) -> JSONResponse:
+        if not self.cfg.serve.openapi:
+            return _error(NotFoundError("not found (the API schema is off; serve.openapi: true serves it)"))
+        return JSONResponse(api.openapi())
+
+    @api.get("/docs", include_in_schema=False)
+    async def docs(self) -> HTMLResponse:
+        if not self.cfg.serve.openapi:
+            return _error(NotFoundError("not found (the API docs are off; serve.openapi: true serves them)"))
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="fescale")
 
     @api.get("/v1/models")
     async def models(self, request: Request) -> JSONResponse:
@@ -122,9 +190,10 @@ class FescaleAPI:
         self.metrics.ongoing.set(self.ongoing)
         try:
             self.authorize(request)
-            req = parse_request(await request.body())
-            if req.model not in (None, self.cfg.serve.model_name):
-                raise NotFoundError(f"model {req.model!r} does not exist; this server serves {self.cfg.serve.model_name!r}")
+            s = self.cfg.serve
+            req = parse_request(await read_body(request, s.max_request_bytes), s.max_json_depth, s.max_messages)
+            if req.model not in (None, s.model_name):
+                raise NotFoundError(f"model {req.model!r} does not exist; this server serves {s.model_name!r}", param="model", code="model_not_found")
             state = await self.answer(req)
             mode = state.mode
             completion = Completion(self.cfg.serve.model_name, state, req.fescale.return_trace)
@@ -152,8 +221,11 @@ class FescaleAPI:
 
 
 def fescale_app(cfg: FescaleConfig) -> serve.Application:
-    """The bound application of a config: the pools deployment and the ingress over it."""
-    data = cfg.model_dump(mode="json")
+    """The bound application of a config: the pools deployment and the ingress over it. The keys are
+    resolved here and handed to the ingress apart from the config, which carries none."""
+    keys = api_keys(cfg)
+    check_exposure(cfg, keys)
+    data = cfg.model_dump(mode="json", exclude={"serve": {"api_keys"}})
     s = cfg.serve
     pools = FescalePools.bind(data)
     options: dict[str, Any] = {
@@ -166,7 +238,7 @@ def fescale_app(cfg: FescaleConfig) -> serve.Application:
         options["autoscaling_config"] = s.autoscaling
     else:
         options["num_replicas"] = s.num_replicas
-    return FescaleAPI.options(**options).bind(pools, data)
+    return FescaleAPI.options(**options).bind(pools, data, keys)
 
 
 def run_app(cfg: FescaleConfig) -> str:
@@ -181,6 +253,7 @@ def serve_config_file(cfg: FescaleConfig) -> str:
     """A Serve config file (YAML) for `serve run` / `serve deploy`, carrying the resolved config inline.
 
     The file needs fescale importable where the replicas run (installed, or a `runtime_env` you add).
+    API keys are never written: the builder reads `serve.api_keys_env` where it runs.
     """
     import yaml
 
@@ -192,7 +265,7 @@ def serve_config_file(cfg: FescaleConfig) -> str:
                 "name": APP_NAME,
                 "route_prefix": "/",
                 "import_path": "engine.serve_app:build_app",
-                "args": {"config": cfg.model_dump(mode="json", exclude_defaults=True)},
+                "args": {"config": cfg.model_dump(mode="json", exclude_defaults=True, exclude={"serve": {"api_keys"}})},
             }
         ],
     }

@@ -41,6 +41,15 @@ def test_bad_config_and_missing_input_exit_2_with_a_clear_message(tmp_path):
     assert "Traceback" not in out.stderr
 
 
+def test_serve_beyond_loopback_without_keys_is_refused_before_anything_starts():
+    env = {k: v for k, v in ENV.items() if k != "FESCALE_API_KEYS"}
+    out = subprocess.run([sys.executable, "-m", "cli", "serve", "--host", "0.0.0.0", "--port", "1"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "no API key is set: set FESCALE_API_KEYS" in out.stderr and "Traceback" not in out.stderr
+    assert "started a local Ray cluster" not in out.stderr
+    keyed = subprocess.run([sys.executable, "-m", "cli", "serve", "--print-config", "--set", "serve.api_keys=[s3cret]"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert keyed.returncode == 0 and "api_keys" in keyed.stdout and "s3cret" not in keyed.stdout
+
+
 def test_print_config_shows_the_resolved_config():
     out = fescale("run", "--print-config", "--set", "generate.num_responses=3")
     assert out.returncode == 0 and "num_responses: 3" in out.stdout and "feedback:\n    model: embedded" in out.stdout

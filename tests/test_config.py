@@ -63,6 +63,16 @@ def test_defaults_are_the_papers():
         (["roles.generator.backend=vllm", "roles.generator.engine_kwargs={tensor_parallel_size: 2}"], "tensor_parallel_size=2 contradicts num_gpus=0"),
         (["roles.reward.backend=openai", "roles.reward.endpoint.base_url=http://x", "select.scorer=sequence_classification"], "needs a local classifier"),
         (["generate"], "is not KEY=VALUE"),
+        # the Serve app's limits: zero, negative, wrong type and huge values are refused at load
+        (["serve.max_request_bytes=0"], "`serve.max_request_bytes`: Input should be greater than 0"),
+        (["serve.max_request_bytes=-1"], "`serve.max_request_bytes`"),
+        (["serve.max_request_bytes=1MB"], "`serve.max_request_bytes`"),
+        ([f"serve.max_messages={10**30}"], "`serve.max_messages`"),
+        (["serve.max_json_depth=0"], "`serve.max_json_depth`"),
+        (["serve.caps.max_model_calls=0"], "`serve.caps.max_model_calls`"),
+        (["serve.allow_unauthenticated=maybe"], "`serve.allow_unauthenticated`"),
+        (["serve.openapi=[1]"], "`serve.openapi`"),
+        (["serve.api_keys=['**********']"], "the mask of a printed config"),
     ],
 )
 def test_bad_values_name_the_key(overrides, needle):
@@ -108,3 +118,38 @@ def test_config_hash_tracks_results_not_resources():
 def test_print_config_shows_inherited_roles():
     text = load_config("greedy").to_yaml()
     assert "reward:\n    model: embedded" in text
+
+
+def test_api_keys_never_appear_in_a_printed_or_written_config(monkeypatch):
+    from engine.serve_app import api_keys, serve_config_file
+
+    monkeypatch.setenv("FESCALE_API_KEYS", "from-env-1, from-env-2")
+    cfg = load_config("feedback_edit", ["serve.api_keys=[in-config-key]"])
+    assert api_keys(cfg) == ["in-config-key", "from-env-1", "from-env-2"]
+    for text in (cfg.to_yaml(), serve_config_file(cfg), repr(cfg), str(cfg.model_dump())):
+        assert "in-config-key" not in text and "from-env" not in text
+
+
+@pytest.mark.parametrize(
+    "host, keys, allow, refused",
+    [
+        ("127.0.0.1", "", False, False),
+        ("localhost", "", False, False),
+        ("::1", "", False, False),
+        ("0.0.0.0", "", False, True),
+        ("10.1.2.3", "", False, True),
+        ("example.internal", "", False, True),
+        ("0.0.0.0", "k1", False, False),
+        ("0.0.0.0", "", True, False),
+    ],
+)
+def test_serving_beyond_loopback_without_keys_is_refused_unless_asked_for(monkeypatch, host, keys, allow, refused):
+    from engine.serve_app import api_keys, check_exposure
+
+    monkeypatch.setenv("FESCALE_API_KEYS", keys)
+    cfg = load_config("feedback_edit", [f"serve.host={host}", f"serve.allow_unauthenticated={str(allow).lower()}"])
+    if refused:
+        with pytest.raises(ConfigError, match=r"no API key is set: set FESCALE_API_KEYS .* serve.allow_unauthenticated=true"):
+            check_exposure(cfg, api_keys(cfg))
+    else:
+        check_exposure(cfg, api_keys(cfg))

@@ -18,6 +18,7 @@ from actors.errors import (
     PromptCrashError,
     PromptError,
     RequestError,
+    RequestTooLargeError,
     last_line,
     unwrap_ray_error,
 )
@@ -29,10 +30,11 @@ from engine.openai_protocol import error_response
     [
         (RequestError("fescale.num_responses: must be > 0", param="fescale.num_responses"), 400, "invalid_request_error", "invalid_request"),
         (RequestError("request body is not valid JSON", code="invalid_json"), 400, "invalid_request_error", "invalid_json"),
+        (RequestTooLargeError("request body is over 1048576 bytes"), 413, "invalid_request_error", "request_too_large"),
         (ContextLengthError("prompt is 2000 tokens, the model's context is 1024"), 400, "invalid_request_error", "context_length_exceeded"),
         (InputError("not valid JSON", source="in.jsonl", line=3), 400, "invalid_request_error", "invalid_input"),
         (AuthError("missing or invalid API key"), 401, "authentication_error", "invalid_api_key"),
-        (NotFoundError("model 'x' does not exist"), 404, "not_found_error", "model_not_found"),
+        (NotFoundError("model 'x' does not exist", param="model", code="model_not_found"), 404, "not_found_error", "model_not_found"),
         (PromptCrashError("a replica died 3 times running this prompt's call alone"), 500, "server_error", "replica_crashed"),
         (BackendError("endpoint down after 3 attempts"), 500, "server_error", "backend_error"),
         (ConfigError("invalid config"), 500, "server_error", "invalid_config"),
@@ -41,7 +43,8 @@ from engine.openai_protocol import error_response
 def test_each_error_class_maps_to_its_own_status_type_and_code(error, status, kind, code):
     got_status, body = error_response(error, "req-1")
     assert got_status == status
-    assert body == {"error": {"message": str(error), "type": kind, "param": getattr(error, "param", None), "code": code}}
+    message = str(error) if status < 500 else "internal error (request id req-1)"  # a 500's detail stays in the server log
+    assert body == {"error": {"message": message, "type": kind, "param": getattr(error, "param", None), "code": code}}
 
 
 def test_the_mapping_never_reads_the_message():

@@ -4,7 +4,7 @@ import pytest
 
 from engine.config import PlanItem, load_config
 from actors.errors import RequestError
-from engine.knobs import request_config, spread
+from engine.knobs import model_calls, request_config, spread
 from engine.openai_protocol import ChatCompletionRequest, error_response, parse_request
 
 HI = [{"role": "user", "content": "hi"}]
@@ -62,3 +62,17 @@ def test_the_servers_own_defaults_are_not_capped():
     assert request_config(base, req()).feedback.samples == 64
     with pytest.raises(RequestError, match="max_feedback_per_request=256"):
         request_config(base, req(fescale={"num_responses": 16}))
+
+
+def test_the_model_calls_a_request_causes_are_capped_in_all():
+    """Each knob within its cap can still multiply into thousands of calls: 64 feedback per response,
+    all kept, in partitioned sets of 3 (22 per response) with 4 edits each is 704 edits to write and
+    704 to score."""
+    base = load_config("paper_70b")
+    assert (base.feedback.guided_level, base.select.include_originals, base.feedback.sets) == (False, False, "partition")
+    assert model_calls(base) == 8 + 8 * 64 + 8 * 6 + 8 * 6  # responses, feedback, edits of 6 sets (E=16), scores
+    assert model_calls(load_config("greedy")) == 1
+    wide = {"feedback_samples": 64, "effective_feedback": 64, "edits_per_set": 4}
+    with pytest.raises(RequestError, match=r"model calls \(responses, feedback, edits and scores\)=1928 exceeds this server's cap serve\.caps\.max_model_calls=1024"):
+        request_config(base, req(fescale=wide))
+    assert model_calls(request_config(base, req(fescale={**wide, "edits_per_set": 1}))) == 8 + 512 + 176 + 176

@@ -58,7 +58,9 @@ def server(ray_session, embedded_dir):
             "max_ongoing_requests": 4,
             "max_queued_requests": 4,
             "retry_after_s": 2,
-            "caps": {"max_responses": 4, "max_feedback_samples": 4, "max_feedback_per_request": 8},
+            "max_request_bytes": 65536,
+            "max_messages": 64,
+            "caps": {"max_responses": 4, "max_feedback_samples": 4, "max_feedback_per_request": 8, "max_model_calls": 40},
         },
     )
     yield run_app(cfg)
@@ -147,6 +149,23 @@ def test_knobs_change_the_amount_of_work_visible_in_usage_and_trace(server):
         ({"messages": HI, "max_tokens": 0}, 400, "max_tokens"),
         ({"model": "gpt-4o", "messages": HI}, 404, "does not exist"),
         ({"messages": [{"role": "user", "content": "word " * 1100}], "fescale": {"mode": "greedy"}}, 400, "model's context is 1024"),
+        # hostile values: refused before any work, each with a 4xx that names the field, never a 500
+        (b"", 400, "not valid JSON"),
+        (b"[" * 50_000, 400, "nests deeper than"),
+        ({"messages": HI, "tools": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[["x"]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]}, 400, r"nested deeper than 32 levels \(serve.max_json_depth\)"),
+        (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": ' + b"9" * 5000 + b"}", 400, "an integer is too large"),
+        ({"messages": HI, "max_tokens": 2**70}, 400, r"max_tokens: integer out of range"),
+        ({"messages": HI, "seed": -(2**70)}, 400, r"seed: integer out of range"),
+        (b'{"messages": [{"role": "user", "content": "hi \\ud800 there"}]}', 400, r"messages\.0\.content: not valid Unicode"),
+        (b'{"messages": [{"role": "user", "content": "caf\xe9"}]}', 400, "not valid JSON.*utf-8"),
+        (b'{"\\udc80": 1, "messages": [{"role": "user", "content": "hi"}]}', 400, "a key in the request body: not valid Unicode"),
+        ({"messages": "What is 2 + 2?"}, 400, "messages"),
+        ({"messages": HI, "max_tokens": "ten"}, 400, "max_tokens"),
+        ({"messages": HI, "temperature": -1}, 400, "temperature"),
+        ({"messages": HI, "fescale": {"num_responses": 1.5}}, 400, "fescale.num_responses"),
+        ({"messages": HI * 65}, 400, r"65 messages; this server takes at most 64 \(serve.max_messages\)"),
+        ({"messages": [{"role": "user", "content": "x" * 70_000}]}, 413, r"at most 65536 \(serve.max_request_bytes\)"),
+        ({"messages": HI, "fescale": {"num_responses": 4, "feedback_samples": 2, "edits_per_set": 4}}, 400, r"model calls .*=48 exceeds this server's cap serve\.caps\.max_model_calls=40"),
     ],
 )
 def test_bad_input_gets_a_4xx_in_openai_error_shape(server, body, status, pattern):
@@ -169,11 +188,20 @@ def test_auth_missing_or_wrong_key_is_401(server):
         openai.OpenAI(base_url=f"{server}/v1", api_key="wrong", max_retries=0).chat.completions.create(model="fescale", messages=HI)
 
 
-def test_a_backend_failure_fails_only_its_request(server):
+def test_a_backend_failure_fails_only_its_request_and_its_detail_stays_in_the_log(server):
     failed = chat(server, {"messages": HI, "fescale": {"mode": "feedback_edit"}})  # roles.feedback's endpoint is down
     assert failed.status_code == 500, failed.text
-    assert "failed after 1 attempts" in failed.json()["error"]["message"]
+    error = failed.json()["error"]
+    assert re.fullmatch(r"internal error \(request id [0-9a-f]{32}\)", error["message"]), error  # no endpoint, path or pid
     assert chat(server, {"messages": HI, "fescale": {"mode": "greedy"}}).status_code == 200
+
+
+def test_health_says_only_ok_without_a_key_and_the_docs_are_off(server):
+    assert httpx.get(f"{server}/health").json() == {"status": "ok"}  # what a load balancer needs, no more
+    assert set(httpx.get(f"{server}/health", headers=AUTH).json()["pools"]["hf:embedded"]) >= {"ready", "replicas", "pids"}
+    for path in ("/docs", "/openapi.json", "/redoc"):
+        r = httpx.get(f"{server}{path}", headers=AUTH)
+        assert r.status_code == 404, (path, r.text)
 
 
 def test_fifty_concurrent_requests_are_answered_or_rejected_with_503(server):
@@ -212,18 +240,18 @@ def test_prometheus_metrics_through_ray(server, ray_session):
             break
         time.sleep(3)
     assert not missing, missing
-    assert json.loads(httpx.get(f"{server}/health").text)["pools"]
+    assert json.loads(httpx.get(f"{server}/health", headers=AUTH).text)["pools"]
 
 
 def test_a_model_replica_killed_mid_request_is_retried_and_health_shows_the_recovery(server):
-    [pid] = httpx.get(f"{server}/health").json()["pools"]["hf:embedded"]["pids"]
+    [pid] = httpx.get(f"{server}/health", headers=AUTH).json()["pools"]["hf:embedded"]["pids"]
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         request = pool.submit(chat, server, {"messages": HI, "fescale": {"num_responses": 2, "feedback_samples": 2}})
         time.sleep(1.0)  # the request is in its first stages
         os.kill(pid, signal.SIGKILL)
         seen, deadline = [], time.monotonic() + 180
         while time.monotonic() < deadline:
-            health = httpx.get(f"{server}/health", timeout=30)
+            health = httpx.get(f"{server}/health", headers=AUTH, timeout=30)
             seen.append(health.status_code)
             if health.status_code == 200 and 503 in seen:
                 break
