@@ -95,7 +95,7 @@ class PoolClient:
             for _, future in callers:
                 future.cancel()
             raise
-        except Exception as e:  # everyone's (the pool is gone, a setting is wrong)
+        except Exception as e:  # everyone's (the pool is gone, a setting is wrong), or a lone caller's own
             parts = [e] * len(callers)
         for (_, future), part in zip(callers, parts):
             if not future.done():  # a caller that was cancelled meanwhile takes nothing
@@ -103,7 +103,7 @@ class PoolClient:
 
     async def _merged_call(self, method: str, callers: list[tuple[list, asyncio.Future]]) -> list:
         if len(callers) == 1:
-            return [await _settled(self._retried(method, callers[0][0]))]
+            return [await self._retried(method, callers[0][0])]  # its error, if any, is its own (`_send`)
         i = self._least_busy(None)
         try:
             results = await self._once(i, method, [r for requests, _ in callers for r in requests], None)
@@ -205,10 +205,3 @@ class _Shared(Exception):
         super().__init__("merged call failed")
         self.crashed_on = crashed_on
 
-
-async def _settled(call) -> object:
-    """The call's result, or the exception it raised (handed to the waiting caller as-is)."""
-    try:
-        return await call
-    except Exception as e:
-        return e

@@ -21,6 +21,14 @@ class FescaleError(Exception):
     code = "internal_error"
     param: str | None = None  # the request field at fault, where there is one
 
+    def __init__(self, message: str = "", *, param: str | None = None, code: str | None = None):
+        """`param` names the request field at fault; `code` refines the class's code (`invalid_json`)."""
+        if param is not None:
+            self.param = param
+        if code is not None:
+            self.code = code
+        super().__init__(message)
+
 
 class ConfigError(FescaleError):
     """The config (YAML, overrides, a CLI flag or a value in them) is invalid; the message names the key.
@@ -55,12 +63,6 @@ class RequestError(PromptError):
     status = 400
     type = "invalid_request_error"
     code = "invalid_request"
-
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
-        self.param = param
-        if code is not None:
-            self.code = code
-        super().__init__(message)
 
 
 class RequestTooLargeError(RequestError):
@@ -97,12 +99,6 @@ class NotFoundError(FescaleError):
     status = 404
     type = "not_found_error"
     code = "not_found"
-
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
-        self.param = param
-        if code is not None:
-            self.code = code
-        super().__init__(message)
 
 
 class BackendError(FescaleError):

@@ -4,10 +4,10 @@
 folder or prefix, on any filesystem `engine.storage` resolves), reads each file in a Ray Data task
 (the bytes as stored: fescale inflates a .gz itself, so a corrupt one is an error row of its file
 where Ray Data's own reader would fail the job) and parses each line or Parquet row on the workers
-with `engine.inputs.parse_line` / `parse_row`. A malformed row becomes an error row (stage "input", id `source:line`) that flows
-to the errors files like a failed prompt, so it is recorded once and skipped on resume. The driver
-sees only (id, source, line) of each row, to drop duplicates, skip what an earlier run committed
-and apply `--limit`; the prompts themselves stay in the object store.
+with `engine.inputs.parse_line` / `parse_row`. A malformed row becomes an error row (stage "input",
+id `source:line`) that flows to the errors files like a failed prompt, so it is recorded once and
+skipped on resume. The driver sees only (id, source, line) of each row, to drop duplicates, skip what
+an earlier run committed and apply `--limit`; the prompts themselves stay in the object store.
 """
 
 from __future__ import annotations
@@ -64,12 +64,11 @@ def _read_file(row: dict, fs) -> list[dict]:
             data = f.readall()
     except OSError as e:
         return [_row(InputErrorRow(path, 0, f"file unreadable: {e}"), path)]
-    return _parse_file({"path": path, "bytes": data})
+    return _parse_file(path, data)
 
 
-def _parse_file(row: dict) -> list[dict]:
+def _parse_file(path: str, data: bytes) -> list[dict]:
     """One input file's bytes -> one row per line (or Parquet row): the prompt, or why it is malformed."""
-    path, data = row["path"], row["bytes"]
     if path.endswith(".parquet"):
         import pyarrow.parquet as pq
 
@@ -135,8 +134,8 @@ def read_input(
     """The prompts of `uri` (its `files`, from `list_inputs`) not in `done`, as pipeline rows in blocks
     of `batch_size`; at most `limit` valid prompts.
 
-    A file is one block of parsed rows. The stages run one task per block, so the kept rows are
-    regrouped into blocks of one batch each: that is what lets a stage's batches run concurrently and
+    A file is one block of parsed rows. Ray Data runs one task per block, so the kept rows are
+    regrouped into blocks of one batch each: that is what lets the stage's batches run concurrently and
     the first shards be written while later prompts still generate."""
     fs, paths = files
     files_ds = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=len(paths))
