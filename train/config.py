@@ -20,16 +20,19 @@ Stage = Literal["feedback-sft", "edit-sft", "distill-sft", "edit-rm", "edit-rloo
 STAGES: tuple[str, ...] = Stage.__args__
 STAGE_LR = {"feedback-sft": 1e-6, "edit-sft": 1e-6, "distill-sft": 1e-6, "edit-rm": 3e-6, "edit-rloo": 5e-7}
 TRAIN_CONFIGS = CONFIGS_DIR / "train"
+# transformers' attention kernels that need nothing from a hub (its "kernels-community/..." names fetch code).
+AttnImplementation = Literal["eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"]
 
 
 class DataConfig(StrictModel):
     dir: str | None = Field(None, description="HelpSteer3 root holding <subset>/train.jsonl.gz (feedback, edit, edit_quality)")
     distill: str | None = Field(None, description="a `fescale distill` output folder or .sft.jsonl file (distill-sft)")
     max_seq_len: PositiveInt = 4096
+    packing: bool = Field(False, description="SFT: concatenate examples into sequences of up to max_seq_len, none attending to another; global_batch_size then counts packed sequences")
     validation_fraction: float = Field(0.05, gt=0, lt=1, description="split off (seeded) when a subset has no validation file")
     max_level_spread: NonNegativeInt = Field(2, description="feedback-sft: drop responses whose feedback levels differ by more")
     feedback_targets: Literal["all", "one"] = Field("all", description="feedback-sft: train on every feedback of a response, or one")
-    domains: list[str] = Field(["general", "stem"], description="edit-rm: domains kept for Edit Preference")
+    domains: list[str] = Field(["general", "stem"], description="edit-rm and edit-rloo: domains kept for Edit Preference (the RM's tuples, RLOO's prompts)")
     applied_check: RoleConfig | None = Field(None, description="edit-sft: model asked whether the change summary addresses each feedback; off when unset")
     joiner: str = "\n"
     limit: PositiveInt | None = Field(None, description="use at most this many rows per split (smoke runs)")
@@ -87,6 +90,9 @@ class TrainConfig(StrictModel):
     checkpoint_every: PositiveInt = Field(50, description="optimizer steps between checkpoints (each with a validation pass)")
     keep_checkpoints: PositiveInt = Field(1, description="best checkpoints kept by the validation metric (the latest is always kept to resume)")
     log_every: PositiveInt = 1
+    gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass: much less memory for about a third more compute")
+    attn_implementation: AttnImplementation | None = Field(None, description="the trained model's attention kernel; unset: transformers' default (sdpa)")
+    resume: Literal["check", "force"] = Field("check", description="resuming from a checkpoint trained with other values of keys that change training: refused (check) or allowed (force)")
     rm: RMConfig = Field(default_factory=RMConfig)
     rloo: RLOOConfig = Field(default_factory=RLOOConfig)
 
@@ -96,6 +102,8 @@ class TrainConfig(StrictModel):
             raise ValueError("stage distill-sft needs `data.distill`: a `fescale distill` output folder")
         if self.stage != "distill-sft" and not self.data.dir:
             raise ValueError(f"stage {self.stage} needs `data.dir`: the HelpSteer3 folder")
+        if self.data.packing and self.stage in ("edit-rm", "edit-rloo"):
+            raise ValueError(f"`data.packing` is for the SFT stages; {self.stage} scores whole sequences, one per row")
         if self.stage == "edit-rloo" and not self.rloo.reward_model:
             raise ValueError("stage edit-rloo needs `rloo.reward_model`: the Edit RM (edit-rm's output folder)")
         return self

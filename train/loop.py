@@ -9,7 +9,10 @@ all stages:
   resumed run continues exactly where the checkpoint was taken;
 - every `checkpoint_every` steps and at the end: a validation pass, then a Ray Train checkpoint holding
   `model/` (a plain Hugging Face folder the engine loads), `ds/` (DeepSpeed state to resume) and
-  `state.json`; Ray Train keeps the best by the task's validation metric and always the latest;
+  `state.json` (the step and the config's fingerprint, train/resume.py); Ray Train keeps the best by
+  the task's validation metric and always the latest;
+- the config's model knobs on whatever model the task built (`configure_model`): attention kernel
+  and gradient checkpointing;
 - metrics (step, loss, lr, tokens/s, ...) every `log_every` steps to stdout, `metrics.jsonl` and
   TensorBoard when it is installed.
 """
@@ -31,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from train.config import TrainConfig
+from train.resume import fingerprint
 
 
 class Task(Protocol):
@@ -61,6 +65,13 @@ class TaskBase:
     @property
     def dtype(self) -> torch.dtype:
         return torch.bfloat16 if self.cfg.resources.use_gpu else torch.float32
+
+    @property
+    def model_kwargs(self) -> dict[str, Any]:
+        """`from_pretrained` arguments of the trained model: the dtype and the configured attention kernel
+        (given at load, transformers checks the kernel is available before loading any weight)."""
+        attn = self.cfg.attn_implementation
+        return {"dtype": self.dtype, **({"attn_implementation": attn} if attn else {})}
 
     def validation_share(self) -> list:
         ctx = ray.train.get_context()
@@ -100,6 +111,18 @@ def deepspeed_config(cfg: TrainConfig, items_per_step: int, world: int) -> dict:
     return _merge(ds, cfg.deepspeed.extra)
 
 
+def configure_model(model: torch.nn.Module, cfg: TrainConfig) -> None:
+    """The config's model knobs on the model a task built, so every stage gets them however it loads.
+
+    The attention kernel is set again only if the build did not ask for it. Gradient checkpointing
+    is non-reentrant: the reentrant form computes no gradients when the checkpointed blocks' inputs do
+    not require them (frozen embeddings)."""
+    if cfg.attn_implementation and model.config._attn_implementation != cfg.attn_implementation:
+        model.set_attn_implementation(cfg.attn_implementation)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def warmup_then_constant(optimizer, warmup_steps: int):
     """The paper's schedule: LR rises linearly from 0 over `warmup_steps` optimizer steps, then stays.
 
@@ -117,6 +140,7 @@ def run(cfg: TrainConfig, task: Task, items_per_step: int, total_steps: int, tok
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     model = task.build_model()
+    configure_model(model, cfg)
     engine, *_ = deepspeed.initialize(
         model=model,
         model_parameters=[p for p in model.parameters() if p.requires_grad],
@@ -154,7 +178,7 @@ def run(cfg: TrainConfig, task: Task, items_per_step: int, total_steps: int, tok
         if step % cfg.checkpoint_every == 0 or step == total_steps:
             metrics = {k: _sum_over_ranks(total) / max(_sum_over_ranks(weight), 1e-12) for k, (total, weight) in task.evaluate(engine).items()}
             log.write({"step": step, **metrics}, total_steps, kind="validation")
-            _checkpoint(engine, tokenizer, rank, {"step": step, **metrics})
+            _checkpoint(engine, tokenizer, rank, {"step": step, **metrics}, fingerprint(cfg))
     log.close()
 
 
@@ -179,14 +203,14 @@ def _resume(engine) -> int:
         return json.loads(Path(d, "state.json").read_text())["step"]
 
 
-def _checkpoint(engine, tokenizer, rank: int, metrics: dict) -> None:
+def _checkpoint(engine, tokenizer, rank: int, metrics: dict, config: dict) -> None:
     with tempfile.TemporaryDirectory() as d:
         engine.save_checkpoint(os.path.join(d, "ds"), tag="ds")
         state_dict = engine._zero3_consolidated_16bit_state_dict() if engine.zero_optimization_stage() == 3 else None
         if rank == 0:
             engine.module.save_pretrained(os.path.join(d, "model"), state_dict=state_dict)
             tokenizer.save_pretrained(os.path.join(d, "model"))
-            Path(d, "state.json").write_text(json.dumps({"step": metrics["step"]}))
+            Path(d, "state.json").write_text(json.dumps({"step": metrics["step"], "config": config}))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 

@@ -8,14 +8,17 @@ what runs beside the workers) is the stage's recipe, `train.stages.RECIPES[cfg.s
 
 Everything a run writes lives under `output_dir`: `data_report.json`, `metrics.jsonl`, `tensorboard/`,
 `ray/<stage>/` (Ray Train's checkpoints; rerunning the same command after a crash or a kill resumes
-from the latest one) and `model/`, the best checkpoint as a plain Hugging Face folder.
+from the latest one, and a config that changes training since then is refused: train/resume.py) and
+`model/`, the best checkpoint as a plain Hugging Face folder, which appears only once complete.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +32,7 @@ from engine.cluster import connect
 from train import prepare
 from train.config import TrainConfig
 from train.recipe import Sources
+from train.resume import check_resume
 from train.stages import RECIPES
 
 
@@ -102,6 +106,7 @@ def train(cfg: TrainConfig, dry_run: bool = False) -> Path | None:
     if not prepared.validation:
         raise ConfigError(f"{cfg.stage}: no validation items after preparation; add a validation file or more rows")
     print(f"{cfg.stage}: {total} optimizer steps of {per_step} items ({steps_per_epoch} per epoch), lr {cfg.lr:g}", flush=True)
+    check_resume(cfg, out / "ray" / cfg.stage)
     if dry_run:
         return None
     r = cfg.resources
@@ -155,9 +160,28 @@ def _export_best(result, out: Path) -> Path:
         raise ConfigError(f"training wrote no checkpoint under {out / 'ray'}")
     final = out / "model"
     with best.as_directory() as d:
-        if final.exists():
-            shutil.rmtree(final)
-        shutil.copytree(Path(d) / "model", final)
+        replace_folder(Path(d) / "model", final)
     metrics = result.best_checkpoints[0][1] if result.best_checkpoints else result.metrics
     print(f"best checkpoint: step {metrics.get('step')} ({', '.join(f'{k} {v:.4g}' for k, v in metrics.items() if k.startswith('val_'))}) -> {final}", flush=True)
     return final
+
+
+def replace_folder(source: Path, final: Path) -> None:
+    """Copy `source` to `final` so that `final` is never a half-written folder.
+
+    A crash mid-copy must not leave a `model/` the engine or the next stage would load as complete:
+    the copy goes to a hidden `.model.partial-*` folder beside it and is renamed into place (a rename
+    is atomic on one filesystem). A crash between moving an earlier `final` aside and renaming the new
+    one leaves no `final` at all, never a wrong one. Partial folders a crash left are removed first.
+    """
+    partial = f".{final.name}.partial-"
+    for stale in final.parent.glob(partial + "*"):
+        shutil.rmtree(stale)
+    tmp = Path(tempfile.mkdtemp(prefix=partial, dir=final.parent))
+    tmp.chmod(0o755)  # mkdtemp's 0700 would make the renamed model unreadable to anyone else
+    shutil.copytree(source, tmp, dirs_exist_ok=True)
+    old = final.with_name(partial + "old")
+    if final.exists():
+        os.rename(final, old)
+    os.rename(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,8 +1,10 @@
 """Causal-LM SFT (feedback-sft, edit-sft, distill-sft): loss on the response tokens only.
 
-Items are tokenized examples `{input_ids, labels}` (labels -100 over the prompt, train.tokens). The
-loss is the mean cross-entropy over a micro-batch's response tokens; validation reports `val_loss`,
-averaged over every validation token, and checkpoints are ranked by it (lowest kept).
+Items are tokenized examples `{input_ids, labels}` (labels -100 over the prompt, train.tokens), or
+with `data.packing` several of them packed into one sequence (`{input_ids, labels, position_ids}`,
+`train.tokens.pack_sft`). The loss is the mean cross-entropy over a micro-batch's response tokens,
+the same packed or not; validation reports `val_loss`, averaged over every validation token, and
+checkpoints are ranked by it (lowest kept).
 
 The three stages train the same way and differ only in where their examples come from, so they are
 one `SFTRecipe` each, given the function that builds their (train, validation) examples.
@@ -11,7 +13,7 @@ one `SFTRecipe` each, given the function that builds their (train, validation) e
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -21,7 +23,7 @@ from train import data, prepare
 from train.config import TrainConfig
 from train.loop import TaskBase, chunk_steps, order
 from train.recipe import Recipe, Sources
-from train.tokens import IGNORE, pad_right, tokenize_sft
+from train.tokens import IGNORE, pack_sft, pad_right, tokenize_sft
 
 Examples = tuple[list[prepare.SFTExample], list[prepare.SFTExample]]
 
@@ -32,15 +34,14 @@ class SFTTask(TaskBase):
     def build_model(self) -> torch.nn.Module:
         from transformers import AutoModelForCausalLM
 
-        return AutoModelForCausalLM.from_pretrained(resolve_model(self.cfg.model), dtype=self.dtype)
+        return AutoModelForCausalLM.from_pretrained(resolve_model(self.cfg.model), **self.model_kwargs)
 
     def steps(self, epoch_seed: int) -> list[list[dict]]:
         return chunk_steps(order(self.train, epoch_seed), self.cfg.optim.global_batch_size)
 
     def loss(self, engine, items: list[dict]):
-        input_ids, labels, mask = collate(items, self.pad_id, engine.device)
-        out = engine(input_ids=input_ids, attention_mask=mask, labels=labels)
-        return out.loss, {}, int(mask.sum())
+        out = engine(**collate(items, self.pad_id, engine.device))
+        return out.loss, {}, sum(len(it["input_ids"]) for it in items)
 
     @torch.no_grad()
     def evaluate(self, engine) -> dict[str, float]:
@@ -48,18 +49,25 @@ class SFTTask(TaskBase):
         mine = self.validation_share()
         total, count = 0.0, 0
         for i in range(0, len(mine), self.cfg.optim.micro_batch_size):
-            input_ids, labels, mask = collate(mine[i : i + self.cfg.optim.micro_batch_size], self.pad_id, engine.device)
-            n = int((labels[:, 1:] != IGNORE).sum())
-            total += float(engine(input_ids=input_ids, attention_mask=mask, labels=labels).loss) * n
+            batch = collate(mine[i : i + self.cfg.optim.micro_batch_size], self.pad_id, engine.device)
+            n = int((batch["labels"][:, 1:] != IGNORE).sum())
+            total += float(engine(**batch).loss) * n
             count += n
         return {"val_loss": (total, count)}
 
 
-def collate(items: list[dict], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded (input_ids, labels, attention_mask); padding is masked out of the loss."""
+def collate(items: list[dict], pad_id: int, device) -> dict[str, Any]:
+    """A micro-batch as the model's keyword arguments, right-padded; padding is out of the loss.
+
+    Packed rows carry `position_ids` and no attention mask: given no 2D mask, transformers derives the
+    per-example causal mask from where the positions restart (padding, at a row's end, is seen by no
+    real token). Without a KV cache, which would make transformers skip that derivation."""
     ids, mask = pad_right([it["input_ids"] for it in items], pad_id, device)
     labels, _ = pad_right([it["labels"] for it in items], IGNORE, device)
-    return ids, labels, mask
+    if "position_ids" not in items[0]:
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    positions, _ = pad_right([it["position_ids"] for it in items], 0, device)
+    return {"input_ids": ids, "position_ids": positions, "labels": labels, "use_cache": False}
 
 
 @dataclass(frozen=True)
@@ -70,7 +78,9 @@ class SFTRecipe(Recipe):
     examples: Callable[[TrainConfig, Sources], Examples] = field(kw_only=True)
 
     def prepare(self, cfg: TrainConfig, fmt: ChatFormatter, sources: Sources) -> tuple[list, list]:
-        return tuple(tokenize_sft(fmt, examples, cfg.data.max_seq_len, sources.drops) for examples in self.examples(cfg, sources))
+        d = cfg.data
+        splits = (tokenize_sft(fmt, examples, d.max_seq_len, sources.drops) for examples in self.examples(cfg, sources))
+        return tuple(pack_sft(items, d.max_seq_len) if d.packing else items for items in splits)
 
 
 def feedback_examples(cfg: TrainConfig, sources: Sources) -> Examples:

@@ -2,9 +2,9 @@
 
 SFT: the prompt rendered with the generation prompt, then the response turn; labels are -100 over
 the prompt so the loss is on the response (and its end-of-turn token) only. Reward model: the whole
-conversation ending with the response, exactly what `ChatFormatter.conversation_ids` gives the
-engine's `sequence_classification` scorer, so the RM is trained on what it will score.
-Examples longer than `max_len` are dropped and counted.
+conversation ending with the response, as `ChatFormatter.conversation_ids` renders it for the
+engine's scorers (the Edit RM's conversation is the edit conversation, train.prepare.edit_prompt).
+Examples longer than `max_len` are dropped and counted; SFT examples may then be packed (`pack_sft`).
 """
 
 from __future__ import annotations
@@ -28,6 +28,30 @@ def sft_ids(fmt: ChatFormatter, ex: SFTExample) -> dict:
     prompt_ids = fmt.encode(prompt_text)
     response_ids = fmt.encode(full_text[len(prompt_text) :])
     return {"id": ex.id, "input_ids": prompt_ids + response_ids, "labels": [IGNORE] * len(prompt_ids) + response_ids}
+
+
+def pack_sft(items: list[dict], max_len: int) -> list[dict]:
+    """SFT examples concatenated, in order, into sequences of at most `max_len` tokens.
+
+    Padding short examples up to the longest of a batch wastes most of a batch's compute when lengths
+    vary; packing fills each row instead. `position_ids` restart at 0 for every example: transformers
+    reads a restart as a document boundary and masks attention across it (block-diagonal causal mask
+    for eager/sdpa, varlen for flash attention), so each example sees only itself. The first label of
+    every example is ignored: unpacked, nothing predicts it; packed, the previous example's last token
+    would. So the loss is the unpacked loss over the same tokens. Greedy in order (linear time, and a
+    prompt's examples stay together); the steps shuffle whole packed sequences.
+    """
+    packed: list[dict] = []
+    for item in items:
+        n = len(item["input_ids"])
+        if not packed or len(packed[-1]["input_ids"]) + n > max_len:
+            packed.append({"ids": [], "input_ids": [], "labels": [], "position_ids": []})
+        row = packed[-1]
+        row["ids"].append(item["id"])
+        row["input_ids"] += item["input_ids"]
+        row["labels"] += [IGNORE, *item["labels"][1:]]
+        row["position_ids"] += range(n)
+    return packed
 
 
 def rm_ids(fmt: ChatFormatter, context: list[dict], response: str) -> list[int]:
