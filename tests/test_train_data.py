@@ -119,6 +119,80 @@ def test_edit_preferences_keep_general_and_stem():
     assert drops.as_dict() == {"domain not in ['general', 'stem']": 2}
 
 
+def test_edit_rm_reads_the_edit_conversation_then_the_edit(embedded_dir):
+    """The paper's Edit RM ranks edits of one (prompt, initial response, feedback) tuple: each of its
+    training sequences is the edit conversation the editor sees, then the edit (or the original)."""
+    from transformers import AutoTokenizer
+
+    from actors.chat_format import ChatFormatter
+    from train.tokens import tokenize_preferences
+
+    row = {"_source": "q", "_line": 1, "domain": "stem", "context": [{"role": "user", "content": "What causes tides?"}],
+           "original_response": "The wind.", "good_edited_response": "Mainly the Moon's gravity.", "bad_edited_response": "Strong winds.",
+           "feedback": [F["not"], F["perfectly"], "The response is slightly helpful. It lacks the Moon."]}
+    drops = prepare.Drops()
+    (t,) = prepare.edit_preferences([row], drops)
+    header = "Edit the response to the previous prompt based on the following feedback:"
+    assert t.context == [*row["context"], {"role": "assistant", "content": "The wind."},
+                         {"role": "user", "content": "\n".join([header, F["not"], row["feedback"][2], "<None>"])}]
+    assert drops.as_dict() == {'"perfectly helpful" feedback': 1}  # as the editor: no "perfectly helpful" feedback
+    fmt = ChatFormatter(AutoTokenizer.from_pretrained(embedded_dir), 4096)
+    (item,) = tokenize_preferences(fmt, [t], 4096, prepare.Drops())
+    for name, edit in (("good", "Mainly the Moon's gravity."), ("bad", "Strong winds."), ("original", "The wind.")):
+        text = fmt.tokenizer.decode(item[name])
+        assert "What causes tides?" in text and "The wind." in text and F["not"] in text and "It lacks the Moon." in text
+        assert text.rstrip().removesuffix("<|im_end|>").endswith(edit)  # the edit comes after the whole edit conversation
+        assert text.index("It lacks the Moon.") < text.rindex(edit)
+    assert item["key"] == prepare.edit_preferences([{**row, "good_edited_response": "Other."}], prepare.Drops())[0].key  # same tuple
+
+
+def test_rloo_rewards_score_the_edit_conversation_then_the_rollout(embedded_dir):
+    """RLOO's reward is the Edit RM on what it was trained on: the edit conversation, then the rollout."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from actors.chat_format import ChatFormatter
+    from train.recipe import Sources
+    from train.rloo import RLOOTask
+    from train.stages import RECIPES
+
+    cfg = load_train_config("edit-rloo", "edit-rloo", [f"data.dir={FIXTURES}"])
+    train, _ = RECIPES["edit-rloo"].prepare(cfg, None, Sources(cfg))
+
+    class Recorder(torch.nn.Module):
+        def forward(self, input_ids, attention_mask):
+            self.seen = input_ids
+            return SimpleNamespace(logits=attention_mask.sum(-1, keepdim=True).float())
+
+    fmt = ChatFormatter(AutoTokenizer.from_pretrained(embedded_dir), 4096)
+    task = RLOOTask(cfg, train, [], fmt.tokenizer.pad_token_id)
+    task.fmt, task.reward = fmt, Recorder()
+    task._rewards(train[:1], [["An edit.", "Another edit."]], "cpu")
+    texts = [fmt.tokenizer.decode(ids) for ids in task.reward.seen]
+    row = data.load_subset(FIXTURES, "edit_quality")["train"][0]
+    for text, edit in zip(texts, ["An edit.", "Another edit."]):
+        assert row["context"][0]["content"] in text and row["original_response"] in text
+        assert all(f in text for f in row["feedback"]) and text.index(row["feedback"][-1]) < text.rindex(edit)
+
+
+def test_rloo_prompts_are_the_edit_preference_set():
+    """The paper's RLOO: 47 steps x 64 = 3,008 prompts, the Edit Preference set. The fixtures'
+    edit_quality holds 2 train rows (general, stem) and 1 validation row (general), edit 3 + 1."""
+    from train.recipe import Sources
+    from train.stages import RECIPES
+
+    for domains, train_n in (("[general, stem]", 2), ("[general]", 1)):
+        cfg = load_train_config("edit-rloo", "edit-rloo", [f"data.dir={FIXTURES}", f"data.domains={domains}"])
+        sources = Sources(cfg)
+        train, val = RECIPES["edit-rloo"].prepare(cfg, None, sources)
+        assert (len(train), len(val)) == (train_n, 1)
+        assert sources.rows == {"edit_quality/train": 2, "edit_quality/validation": 1}  # not the `edit` subset
+        rm = load_train_config("edit-rm", "edit-rm", [f"data.dir={FIXTURES}", f"data.domains={domains}"])
+        tuples = [prepare.edit_preferences(rows, prepare.Drops(), rm.data.domains) for rows in Sources(rm).splits("edit_quality")]
+        assert [[it["prompt"] for it in split] for split in (train, val)] == [[t.context for t in split] for split in tuples]
+
+
 def test_split_is_seeded_95_5_and_disjoint():
     rows = list(range(200))
     train, val = prepare.split_rows(rows, 0.05, seed=3)
@@ -174,3 +248,12 @@ def test_training_config_errors_name_the_key(tmp_path):
     cfg = load_train_config("edit-rm", "edit-rm")
     assert (cfg.lr, cfg.rm.tuples_per_step, cfg.optim.warmup_steps, cfg.optim.epochs) == (3e-6, 32, 10, 1)
     assert load_train_config("edit-rloo", "edit-rloo").lr == 5e-7
+
+
+def test_the_paper_preset_runs_the_applied_feedback_check():
+    from train.config import TRAIN_CONFIGS
+
+    paper = load_train_config(str(TRAIN_CONFIGS / "70b" / "edit-sft.yaml"), "edit-sft").data.applied_check
+    assert paper is not None and paper.model == "/models/Llama-3.3-70B-Instruct" and paper.backend == "vllm"
+    small = TRAIN_CONFIGS / "edit-sft.yaml"
+    assert load_train_config(str(small), "edit-sft").data.applied_check is None and "costs too much" in small.read_text()

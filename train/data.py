@@ -32,13 +32,14 @@ SCHEMAS: dict[str, dict[str, str]] = {
 MAX_REPORTED = 20  # bad rows listed in one error; the count covers all of them
 
 
-def subset_files(root: str | Path, subset: str) -> dict[str, Path]:
-    """The split files a subset has under `root` (validation is optional: it is split off when absent)."""
+def subset_files(root: str | Path, subset: str, key: str = "`data.dir`") -> dict[str, Path]:
+    """The split files a subset has under `root` (validation is optional: it is split off when absent);
+    `key` is where the user set `root`, named in the error."""
     folder = Path(root) / subset
     files = {split: folder / f"{split}.jsonl.gz" for split in SPLITS}
     if not files["train"].is_file():
         raise InputError(
-            f"HelpSteer3 subset {subset!r}: {files['train']} does not exist; `data.dir` must hold "
+            f"HelpSteer3 subset {subset!r}: {files['train']} does not exist; {key} must hold "
             f"<subset>/train.jsonl.gz (and optionally validation.jsonl.gz) as published"
         )
     return {split: path for split, path in files.items() if path.is_file()}
@@ -59,6 +60,16 @@ def load_distill(sft_dir: str | Path) -> list[dict]:
 
 
 def read_checked(path: Path, check) -> list[dict]:
+    """Every row of `path` checked; any bad row stops the run (a training set must not silently shrink)."""
+    rows, bad = check_file(path, check)
+    if bad:
+        raise InputError(f"{len(bad)} malformed row(s) in {path}; fix or remove them:\n  {listing(bad)}")
+    return rows
+
+
+def check_file(path: Path, check) -> tuple[list[dict], list[str]]:
+    """(checked rows with `_source` and `_line`, one `FILE:LINE: why` per bad row): the caller decides
+    whether a bad row stops it (training) or is reported and skipped (`train.distill_prompts`)."""
     rows, bad = [], []
     for line, row in read_rows(path):
         try:
@@ -67,11 +78,13 @@ def read_checked(path: Path, check) -> list[dict]:
             rows.append({**check(row), "_source": str(path), "_line": line})
         except InputError as e:
             bad.append(f"{path}:{line}: {e}")
-    if bad:
-        shown = "\n  ".join(bad[:MAX_REPORTED])
-        more = f"\n  ... and {len(bad) - MAX_REPORTED} more" if len(bad) > MAX_REPORTED else ""
-        raise InputError(f"{len(bad)} malformed row(s) in {path}; fix or remove them:\n  {shown}{more}")
-    return rows
+    return rows, bad
+
+
+def listing(bad: list[str]) -> str:
+    """The first `MAX_REPORTED` bad rows, one per line, and how many more there are."""
+    more = f"\n  ... and {len(bad) - MAX_REPORTED} more" if len(bad) > MAX_REPORTED else ""
+    return "\n  ".join(bad[:MAX_REPORTED]) + more
 
 
 def check_row(row: Any, subset: str) -> dict:

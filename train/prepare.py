@@ -7,7 +7,10 @@ what it drops and why in a `Drops` so a user sees the data before paying for tra
 - Edit Demonstration: "perfectly helpful" feedback removed, optionally feedback whose change summary
   does not address it (the LLM check, `applied_feedback`), then one example per permutation of the
   remaining feedback (the editor must not depend on feedback order).
-- Edit Preference: (context, original, feedback, good edit, bad edit) from General and STEM.
+- Edit Preference: (edit conversation, good edit, bad edit, original) from General and STEM. The
+  Edit RM ranks edits of one (prompt, initial response, feedback) tuple, so it reads the edit
+  conversation the editor sees (`edit_prompt`) and then the edit; RLOO samples its rollouts from
+  the same edit conversations (the paper's 3,008 RLOO prompts are this set).
 - Distillation: the final answers `fescale distill` wrote.
 Splits are made per source row before any expansion, so permutations of one row never straddle
 train and validation.
@@ -38,19 +41,20 @@ class SFTExample:
 
 @dataclass(frozen=True)
 class PreferenceTuple:
-    """One (context, original, feedback) tuple and its edits; the RM sees context + each response."""
+    """One (prompt, original, feedback) tuple and its edits. `context` is the edit conversation
+    (prompt, original as the assistant turn, the edit instruction with the feedback): the RM reads it
+    and then each response (good edit, bad edit, or the original as "no edit")."""
 
     id: str
     context: Messages
     original: str
-    feedback: tuple[str, ...]
     good: str
     bad: str
 
     @property
     def key(self) -> str:
-        """What makes tuples distinct in an RM step: the prompt, the original and the feedback."""
-        return json.dumps([self.context, self.original, self.feedback])
+        """What makes tuples distinct in an RM step: the edit conversation holds prompt, original and feedback."""
+        return json.dumps(self.context)
 
 
 @dataclass
@@ -108,6 +112,19 @@ def feedback_demonstrations(
     return out
 
 
+def edit_prompt(context: Messages, original: str, feedbacks: Sequence[str], joiner: str) -> Messages:
+    """The edit conversation: what the editor answers with an edit, and what the Edit RM reads before one."""
+    instruction = method.edit_instruction(feedbacks, templates.EDIT, joiner, templates.EDIT_FILLER)
+    return method.with_response(context, original, instruction)
+
+
+def without_perfect(feedbacks: Sequence[str], drops: Drops) -> list[str]:
+    """The feedback an editor is given: "perfectly helpful" feedback asks for no edit (the engine drops it too)."""
+    kept = [f for f in feedbacks if method.parse_level(f) != "perfectly"]
+    drops.add('"perfectly helpful" feedback', len(feedbacks) - len(kept))
+    return kept
+
+
 def edit_demonstrations(
     rows: Iterable[dict],
     drops: Drops,
@@ -120,11 +137,7 @@ def edit_demonstrations(
     the feedback (`applied_feedback` runs the paper's LLM check); None skips that step.
     """
     rows = list(rows)
-    kept = []
-    for row in rows:
-        feedbacks = [f for f in row["feedback"] if method.parse_level(f) != "perfectly"]
-        drops.add('"perfectly helpful" feedback', len(row["feedback"]) - len(feedbacks))
-        kept.append(feedbacks)
+    kept = [without_perfect(row["feedback"], drops) for row in rows]
     if applied is not None:
         pairs = [(row["change_summary"], f) for row, feedbacks in zip(rows, kept) for f in feedbacks]
         answers = iter(applied(pairs))
@@ -140,28 +153,31 @@ def edit_demonstrations(
             drops.add("edit rows with no feedback left")
             continue
         for j, order in enumerate(itertools.permutations(feedbacks)):
-            instruction = method.edit_instruction(order, templates.EDIT, joiner, templates.EDIT_FILLER)
-            prompt = method.with_response(row["context"], row["original_response"], instruction)
+            prompt = edit_prompt(row["context"], row["original_response"], order, joiner)
             out.append(SFTExample(f"{row['_source']}:{row['_line']}:perm{j}", prompt, row["edited_response"]))
     return out
 
 
-def edit_preferences(rows: Iterable[dict], drops: Drops, domains: Sequence[str] = ("general", "stem")) -> list[PreferenceTuple]:
+def edit_preferences(
+    rows: Iterable[dict], drops: Drops, domains: Sequence[str] = ("general", "stem"), joiner: str = "\n"
+) -> list[PreferenceTuple]:
+    """The Edit Preference set from `edit_quality` rows: the Edit RM's tuples and Edit RLOO's prompts.
+
+    The feedback goes into the edit conversation in its published order, "perfectly helpful" ones
+    removed as for the editor; a row left without feedback is dropped.
+    """
     out = []
     for row in rows:
         if row["domain"] not in domains:
             drops.add(f"domain not in {list(domains)}")
             continue
-        out.append(
-            PreferenceTuple(
-                f"{row['_source']}:{row['_line']}",
-                row["context"],
-                row["original_response"],
-                tuple(row["feedback"]),
-                row["good_edited_response"],
-                row["bad_edited_response"],
-            )
-        )
+        feedbacks = without_perfect(row["feedback"], drops)
+        if not feedbacks:
+            drops.add("edit rows with no feedback left")
+            continue
+        prompt = edit_prompt(row["context"], row["original_response"], feedbacks, joiner)
+        good, bad = row["good_edited_response"], row["bad_edited_response"]
+        out.append(PreferenceTuple(f"{row['_source']}:{row['_line']}", prompt, row["original_response"], good, bad))
     return out
 
 

@@ -3,8 +3,12 @@
 The paper's batch design: each optimizer step holds `rm.tuples_per_step` (32) *distinct*
 (prompt, original, feedback) tuples, and each tuple contributes two pairs, (bad edit < good edit) and
 (no edit = the original < good edit), so the model learns both "this edit is better than that one"
-and "the good edit improved on the original" in a 1:1 ratio. `rm_steps` builds those steps. The
-result is a `sequence_classification` model: the engine's reward role loads it as is.
+and "the good edit improved on the original" in a 1:1 ratio. `rm_steps` builds those steps.
+As in the paper, the RM ranks edits of one tuple: every sequence is the edit conversation (prompt,
+original response, the edit instruction with the feedback: what the editor sees) followed by the
+edit, so it judges an edit against the feedback it was meant to apply. Edit RLOO scores its rollouts
+the same way. The result is a `sequence_classification` model that reads edit conversations; it is
+not a scorer of (prompt, answer) for the engine's final selection.
 `RECIPE` makes it a stage: Edit Preference tuples from the `edit_quality` subset, and an epoch of as
 many steps as `rm_steps` can fill.
 """
@@ -95,7 +99,7 @@ class RewardModelRecipe(Recipe):
     def prepare(self, cfg: TrainConfig, fmt: ChatFormatter, sources: Sources) -> tuple[list, list]:
         d = cfg.data
         return tuple(
-            tokenize_preferences(fmt, prepare.edit_preferences(rows, sources.drops, d.domains), d.max_seq_len, sources.drops)
+            tokenize_preferences(fmt, prepare.edit_preferences(rows, sources.drops, d.domains, d.joiner), d.max_seq_len, sources.drops)
             for rows in sources.splits("edit_quality")
         )
 

@@ -1,15 +1,17 @@
 """Edit RLOO (edit-rloo): REINFORCE Leave-One-Out on the Edit SFT policy, guided by the Edit RM.
 
-Per step, `rollout_batch_size` edit prompts (context, original response, feedback: the Edit SFT
+Per step, `rollout_batch_size` edit conversations (prompt, original response, feedback: the Edit SFT
 prompt) each get `rollouts_per_prompt` edits sampled by an engine pool (HF on CPU, vLLM on GPU) at
-T=1, top_p 0.9. Each edit's reward is the Edit RM's score of (context, edit) minus `kl_coef` times the
-sequence KL to the frozen reference (the starting policy); its advantage is its reward minus the mean
-of the other rollouts of the same prompt; the loss is -advantage x log p(edit). After every optimizer
-step rank 0 pushes the new weights into the rollout replicas (`update_weights`, an in-memory load:
-no checkpoint round trip), and every rank waits for it before sampling again.
+T=1, top_p 0.9. Each edit's reward is the Edit RM's score of (edit conversation, edit), the input it
+was trained on, minus `kl_coef` times the sequence KL to the frozen reference (the starting policy);
+its advantage is its reward minus the mean of the other rollouts of the same prompt; the loss is
+-advantage x log p(edit). After every optimizer step rank 0 pushes the new weights into the rollout
+replicas (`update_weights`, an in-memory load: no checkpoint round trip), and every rank waits for it
+before sampling again.
 Validation: the mean RM reward of greedy edits on the validation prompts (`val_reward`, highest kept).
-`RECIPE` makes it a stage: the Edit SFT prompts of the `edit` subset, and the rollout pool started
-beside the training workers for the whole run.
+`RECIPE` makes it a stage: the prompts are the Edit Preference tuples (`edit_quality`, `data.domains`,
+the paper's 47 steps x 64 = 3,008 prompts), and the rollout pool runs beside the training workers
+for the whole run.
 """
 
 from __future__ import annotations
@@ -25,27 +27,13 @@ import torch.distributed as dist
 from actors.backend import ChatRequest, Sampling
 from actors.chat_format import ChatFormatter
 from actors.models import resolve_model
-from engine import method, templates
+from train import prepare
 from train.config import TrainConfig
 from train.loop import TaskBase, chunk_steps, order
 from train.losses import rloo_advantages, sequence_logprobs
-from train.prepare import Drops, SFTExample
+from train.prepare import SFTExample
 from train.recipe import Recipe, Sources
 from train.tokens import IGNORE, pad_right, rm_ids, sft_ids
-
-
-def rollout_prompts(rows: list[dict], drops: Drops, joiner: str = "\n") -> list[dict]:
-    """One edit prompt per HelpSteer3 `edit` row: its feedback, "perfectly helpful" ones removed."""
-    out = []
-    for row in rows:
-        feedbacks = [f for f in row["feedback"] if method.parse_level(f) != "perfectly"]
-        if not feedbacks:
-            drops.add("edit rows with no feedback left")
-            continue
-        instruction = method.edit_instruction(feedbacks, templates.EDIT, joiner, templates.EDIT_FILLER)
-        prompt = method.with_response(row["context"], row["original_response"], instruction)
-        out.append({"id": f"{row['_source']}:{row['_line']}", "context": row["context"], "prompt": prompt})
-    return out
 
 
 class RLOOTask(TaskBase):
@@ -77,7 +65,7 @@ class RLOOTask(TaskBase):
 
     @torch.no_grad()
     def _rewards(self, items: list[dict], edits: list[list[str]], device) -> torch.Tensor:
-        seqs = [rm_ids(self.fmt, it["context"], e) for it, group in zip(items, edits) for e in group]
+        seqs = [rm_ids(self.fmt, it["prompt"], e) for it, group in zip(items, edits) for e in group]
         ids, mask = pad_right(seqs, self.pad_id, device)
         return self.reward.to(device)(input_ids=ids, attention_mask=mask).logits.squeeze(-1).float()
 
@@ -117,8 +105,12 @@ class RLOOTask(TaskBase):
 
 class RLOORecipe(Recipe):
     def prepare(self, cfg: TrainConfig, fmt: ChatFormatter, sources: Sources) -> tuple[list, list]:
-        """Prompts, not token ids: the policy's edits of them are sampled during training."""
-        return tuple(rollout_prompts(rows, sources.drops, cfg.data.joiner) for rows in sources.splits("edit"))
+        """Edit conversations, not token ids: the policy's edits of them are sampled during training."""
+        d = cfg.data
+        return tuple(
+            [{"id": t.id, "prompt": t.context} for t in prepare.edit_preferences(rows, sources.drops, d.domains, d.joiner)]
+            for rows in sources.splits("edit_quality")
+        )
 
     def reserved_cpus(self, cfg: TrainConfig) -> float:
         return cfg.rloo.rollout.num_cpus * cfg.rloo.rollout.replicas
