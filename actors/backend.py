@@ -14,6 +14,8 @@ import abc
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
+from actors.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -66,7 +68,12 @@ class NextTokenRequest:
 
 @dataclass(frozen=True)
 class ClassifyRequest:
-    """The scalar head's score of a conversation (a sequence-classification reward model)."""
+    """A reward model's scalar score of a whole conversation (its last turn: the response scored).
+
+    What the score is depends on how the backend loaded the model (`BackendSpec.kind`): the scalar
+    head of a sequence-classification model ("classifier"), or the raw logit of one vocabulary token
+    at the last position of a causal LM ("token_logit": Nemotron-70B-Reward, Select).
+    """
 
     messages: tuple[dict, ...]
 
@@ -83,7 +90,8 @@ class BackendSpec:
 
     backend: str  # a registered name (hf, vllm, openai) or a "module:Class" import path
     model: str  # a local folder for hf/vllm (already resolved), the model name for openai
-    kind: Literal["causal", "classifier"] = "causal"
+    kind: Literal["causal", "classifier", "token_logit"] = "causal"
+    score_token_id: int = 0  # kind token_logit: the vocabulary token whose raw logit `classify` returns
     seed: int = 0
     num_gpus: int = 0
     threads: int = 1
@@ -92,6 +100,13 @@ class BackendSpec:
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
     endpoint: dict[str, Any] | None = None
     executor_backend: str | None = None  # vLLM's distributed_executor_backend, from the placement plan
+
+
+def check_score_token(spec: BackendSpec, vocab_size: int) -> int:
+    """The token a token_logit backend reads; one outside the model's vocabulary is the config's fault."""
+    if not 0 <= spec.score_token_id < vocab_size:
+        raise ConfigError(f"select.token_id={spec.score_token_id} is outside the vocabulary of {spec.model} ({vocab_size} tokens)")
+    return spec.score_token_id
 
 
 class Backend(abc.ABC):
@@ -104,7 +119,10 @@ class Backend(abc.ABC):
         raise NotImplementedError(f"{type(self).__name__} cannot score next tokens")
 
     async def classify(self, requests: list[ClassifyRequest]) -> list[ScoreResult]:
-        raise NotImplementedError(f"{type(self).__name__} has no classifier head; use a sequence-classification model")
+        raise NotImplementedError(
+            f"{type(self).__name__} has no classifier head; use a sequence-classification model, "
+            "or select.scorer token_logit for a causal LM read as a reward model"
+        )
 
     async def update_weights(self, states: list[dict[str, Any]]) -> list[None]:
         """Load a new state dict in place (the last of `states`): RLOO's trainer -> rollout sync."""

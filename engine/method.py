@@ -40,6 +40,16 @@ def count_keywords(text: str) -> int:
     return len(_KEYWORD_RE.findall(text))
 
 
+def is_no_edit(original: str, edit: str) -> bool:
+    """An edit that changed nothing of substance: the same words as its initial response once every run
+    of whitespace is one space (re-indenting or re-wrapping is no edit; any changed character is one).
+
+    The paper trains the Edit model with RLOO partly because Edit SFT often returns the response as
+    it was; this is the simple, checkable reading of that "no edit" that the summaries count.
+    """
+    return original.split() == edit.split()
+
+
 def rank_feedback(levels: Sequence[str | None], keywords: Sequence[int], effective: int | None) -> list[int]:
     """Indices of the effective feedback, best first.
 

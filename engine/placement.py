@@ -139,6 +139,7 @@ def plan_pools(cfg: FescaleConfig, modes: Iterable[str] | None = None) -> dict[s
             backend=role.backend,
             model=role.model,
             kind=kind,
+            score_token_id=cfg.select.token_id,
             seed=cfg.seed,
             num_gpus=role.num_gpus,
             threads=role.torch_threads,

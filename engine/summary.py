@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 
+from engine.method import is_no_edit
 from engine.rows import PromptState
 
 
@@ -23,6 +24,7 @@ class Summary:
     feedback_kept: int = 0  # effective feedback (top E)
     feedback_sets: int = 0
     edits: int = 0
+    edits_unchanged: int = 0  # no-edits: the initial response again, whitespace aside (method.is_no_edit)
     responses_unedited: int = 0  # no feedback left: kept as is, no edit spent on them
     tokens: dict[str, dict[str, int]] = field(default_factory=dict)
     replica_restarts: int = 0  # model replicas Ray restarted after they died
@@ -59,12 +61,18 @@ class Summary:
         self.wall_s = time.monotonic() - self._start
 
     @property
+    def no_edit_rate(self) -> float | None:
+        """The share of edits that are no-edits; None when nothing was edited."""
+        return round(self.edits_unchanged / self.edits, 4) if self.edits else None
+
+    @property
     def completion_tokens(self) -> int:
         return sum(t["completion_tokens"] for t in self.tokens.values())
 
     def to_dict(self) -> dict:
         data = {k: v for k, v in asdict(self).items() if not k.startswith("_")}
         data["completion_tokens"] = self.completion_tokens
+        data["no_edit_rate"] = self.no_edit_rate
         data["tokens_per_s"] = round(self.completion_tokens / self.wall_s, 2) if self.wall_s else None
         data["load_s"], data["wall_s"] = round(self.load_s, 2), round(self.wall_s, 2)
         return data
@@ -76,7 +84,7 @@ class Summary:
             ("prompts", f"{self.prompts} answered, {self.failed} failed, {self.input_errors} malformed input rows, {self.resumed} resumed"),
             ("responses", str(self.responses)),
             ("feedback", f"{self.feedback} sampled, {self.feedback_perfect} perfectly helpful and {self.feedback_unparseable} unparseable dropped, {self.feedback_kept} kept"),
-            ("edits", f"{self.edits} from {self.feedback_sets} feedback sets; {self.responses_unedited} responses kept unedited"),
+            ("edits", f"{self.edits} from {self.feedback_sets} feedback sets, {self.edits_unchanged} of them no-edits ({percent(self.no_edit_rate)}); {self.responses_unedited} responses kept unedited"),
         ]
         for stage, t in self.tokens.items():
             rows.append((f"tokens: {stage}", f"{t['prompt_tokens']} prompt, {t['completion_tokens']} completion"))
@@ -85,7 +93,7 @@ class Summary:
         return format_table(["run summary", ""], rows)
 
 
-COUNTED = ("responses", "feedback", "feedback_perfect", "feedback_unparseable", "feedback_kept", "feedback_sets", "edits", "responses_unedited")
+COUNTED = ("responses", "feedback", "feedback_perfect", "feedback_unparseable", "feedback_kept", "feedback_sets", "edits", "edits_unchanged", "responses_unedited")
 
 
 def row_stats(s: PromptState) -> dict:
@@ -103,6 +111,7 @@ def row_stats(s: PromptState) -> dict:
         "feedback_kept": sum(f.kept for f in feedback),
         "feedback_sets": sum(len(c.feedback_sets) for c in s.candidates),
         "edits": sum(len(c.edits) for c in s.candidates),
+        "edits_unchanged": sum(is_no_edit(c.text, e.text) for c in s.candidates for e in c.edits),
         "responses_unedited": sum(bool(c.feedback) and not c.feedback_sets for c in s.candidates),
     }
 
@@ -118,6 +127,11 @@ def format_table(header: list[str], rows: list[tuple[str, ...]]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
     return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+
+
+def percent(rate: float | None) -> str:
+    """A rate as the tables show it (None: nothing to rate)."""
+    return "n/a" if rate is None else f"{100 * rate:.1f}%"
 
 
 def _short(text: str, width: int) -> str:

@@ -23,7 +23,7 @@ def test_paper_70b_reproduces_the_optimal_setup():
     assert cfg.feedback.effective == 16 and cfg.feedback.samples == 64
     assert {cfg.roles.get(r).backend for r in ("generator", "feedback", "editor", "reward")} == {"vllm"}
     assert cfg.roles.get("generator").num_gpus == 8
-    assert cfg.select.scorer == "sequence_classification"
+    assert (cfg.select.scorer, cfg.select.token_id) == ("token_logit", 0)  # Select is a causal LM read at token 0
 
 
 def test_overrides_parse_yaml_values_and_plan_strings():

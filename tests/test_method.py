@@ -34,6 +34,21 @@ def test_count_keywords_counts_the_papers_words_and_their_forms():
     assert method.count_keywords("HOWEVER BUT") == 2
 
 
+@pytest.mark.parametrize(
+    "original, edit, same",
+    [
+        ("Paris is the capital.", "Paris is the capital.", True),
+        ("Paris is the capital.", "  Paris is\nthe   capital.\n", True),  # re-wrapped: no edit
+        ("- a\n- b", "- a\n\n- b", True),
+        ("Paris is the capital.", "Paris is the capital!", False),  # any changed character is an edit
+        ("Paris is the capital.", "paris is the capital.", False),
+        ("", "", True),
+    ],
+)
+def test_is_no_edit_ignores_only_whitespace(original, edit, same):
+    assert method.is_no_edit(original, edit) is same
+
+
 def test_rank_drops_perfect_and_unparseable_and_orders_by_keywords_stably():
     levels = ["mostly", "perfectly", None, "not", "slightly", "partially"]
     keywords = [1, 9, 9, 3, 1, 3]

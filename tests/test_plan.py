@@ -127,7 +127,7 @@ def test_impossible_plans_say_what_to_change():
 def test_cli_plan(capsys):
     assert main(["plan", "--config", "paper_70b", "--cluster", "4x8xH100-80GB"]) == 0
     out = capsys.readouterr().out
-    assert "| vllm:Llama-3.3-70B-Instruct " in out and "17.64 GB" in out
+    assert "| vllm:Llama-3.1-Nemotron-70B-Instruct-HF " in out and "17.64 GB" in out
     assert out.strip().endswith("fits 4x8xH100-80GB: 32 of 32 GPUs on 4 of 4 nodes")
     assert main(["plan", "--config", "greedy", "--cluster", "cpu:2"]) == 2  # a 2-CPU replica and the stage actors
     assert "lower pipeline.stage_actors" in capsys.readouterr().err

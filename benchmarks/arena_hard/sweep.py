@@ -14,8 +14,10 @@ A grid file names a base config, the questions, the baseline answers, the judge 
         key: generate.num_responses
         values: [2, 4, 8, 16]
         set: [feedback.effective=2]        # ... plus overrides of this axis only
+        paper: {"16": 90.2}                # optional: the paper's score of a point, shown beside ours
       scorer:                              # ... or named points, each a list of overrides
         points: {logit_judge: [select.scorer=logit_judge], generative: [select.scorer=generative]}
+    reference_paper: 85.0                  # optional: the paper's score of the reference
 
 The file loads like every fescale config (`engine.config_kit`): strict keys, one error format, and
 `fescale sweep --set KEY=VALUE` overrides its keys (e.g. `limit=4`, `config=greedy`).
@@ -24,9 +26,12 @@ Each point lives in `<out>/data/` in arena-hard-auto's layout (`model_answer/<id
 `model_judgment/<judge>/<id>.jsonl`) under an id that carries its config hash, so a rerun reuses
 every answer and judgment already made (also of points shared by several axes) and a changed point
 gets a new id. Points with the same role pools reuse the running pools. Output: `sweep.json`,
-`sweep.md` (score, 95% CI, generated tokens per answer and relative to the reference, latency),
-`scaling.png` (score vs tokens, log2, one line per axis, CI bars: the paper's Figure 2) and
-`pareto.png` (the frontier of score vs compute).
+`sweep.md` (score, the paper's score where the grid gives it, 95% CI, generated tokens per answer
+and relative to the reference, latency, no-edit rate), `scaling.png` (score vs tokens, log2, one
+line per axis, CI bars, the paper's scores as crosses: its Figure 2) and `pareto.png` (the frontier
+of score vs compute). The no-edit rate (`engine.method.is_no_edit`) comes from the run summaries of
+the point's answer runs, added up in `<out>/data/counts/<id>.json` (a resumed point answers only
+the questions left).
 """
 
 from __future__ import annotations
@@ -43,8 +48,9 @@ from typing import Any
 from pydantic import Field, PositiveInt, model_validator
 
 from actors.errors import ConfigError
-from engine.config import CONFIGS_DIR
+from engine.config import CONFIGS_DIR, FescaleConfig
 from engine.config_kit import StrictModel, load, resolve
+from engine.summary import COUNTED, Summary, format_table, percent
 
 log = logging.getLogger("fescale")
 REFERENCE_AXIS = "reference"
@@ -55,11 +61,15 @@ class AxisSpec(StrictModel):
     values: list[Any] = Field(default_factory=list, description="its values, one point each")
     points: dict[str, list[str]] = Field(default_factory=dict, description="named points: label -> overrides")
     set: list[str] = Field(default_factory=list, description="overrides of every point of this axis")
+    paper: dict[str, float] = Field(default_factory=dict, description="the paper's score of some points: label -> score")
 
     @model_validator(mode="after")
     def _check(self) -> "AxisSpec":
         if bool(self.key) == bool(self.points) or (self.key and not self.values):
             raise ValueError("an axis needs either `key` with `values`, or `points` (label -> overrides)")
+        unknown = set(self.paper) - set(self.overrides())
+        if unknown:
+            raise ValueError(f"`paper` names no point of the axis: {', '.join(sorted(unknown))} (points: {', '.join(self.overrides())})")
         return self
 
     def overrides(self) -> dict[str, list[str]]:
@@ -76,6 +86,7 @@ class GridSpec(StrictModel):
     baseline_answers: str | None = None
     judge: str | dict | None = None
     reference: list[str] = Field(default_factory=lambda: ["mode=greedy", "generate.num_responses=1"])
+    reference_paper: float | None = Field(None, description="the paper's score of the reference point")
     limit: PositiveInt | None = Field(None, description="only the first N questions")
     axes: dict[str, AxisSpec]
 
@@ -84,6 +95,10 @@ class GridSpec(StrictModel):
         return [(REFERENCE_AXIS, "greedy", self.reference)] + [
             (axis, label, sets) for axis, spec in self.axes.items() for label, sets in spec.overrides().items()
         ]
+
+    def paper(self, axis: str, label: str) -> float | None:
+        """The paper's score of a point, when the grid gives it."""
+        return self.reference_paper if axis == REFERENCE_AXIS else self.axes[axis].paper.get(label)
 
 
 def load_grid(path: str | Path, overrides: Iterable[str] = ()) -> GridSpec:
@@ -117,6 +132,8 @@ class PointResult:
     tokens_vs_reference: float | None
     latency_s: float  # median per answer
     answer_tokens: float  # mean token_len of the final answers
+    paper: float | None = None  # the paper's score of this setting (the grid's `paper`)
+    no_edit_rate: float | None = None  # edits identical to their response (whitespace aside); None: no edits counted
 
 
 def point_id(axis: str, label: str, config_hash: str) -> str:
@@ -159,6 +176,7 @@ def run_sweep(
             mid = point_id(axis, label, cfg.config_hash())
             log.info("sweep point %s=%s (%s)", axis, label, mid)
             answers_path = answer_dir / f"{mid}.jsonl"
+            run = None
             if len(read_answers(answers_path) if answers_path.is_file() else {}) < len(qs):
                 needed = {p.key for p in plan_pools(cfg).values()}
                 if pools is None or not needed <= covered:
@@ -168,7 +186,8 @@ def run_sweep(
                     pools = Pools(cfg)
                     pools.start()
                     covered = needed
-                answer_questions(cfg, qs, mid, answer_dir, pools=pools, progress=progress)
+                run = answer_questions(cfg, qs, mid, answer_dir, pools=pools, progress=progress).summary
+            counts = tally(out / "data" / "counts" / f"{mid}.json", cfg, run)
             judge_answers(judge_cfg, qs, answers_path, Path(baseline_answers), judgment_dir, progress=progress)
             judgments = [j for j in read_judgments(judgment_dir) if j.model == mid]
             verdicts = sum(g is not None and g.score is not None for j in judgments for g in j.games)
@@ -186,6 +205,7 @@ def run_sweep(
                     tokens_vs_reference=None,
                     latency_s=statistics.median(a.cost.latency_s for a in answers),
                     answer_tokens=statistics.mean(a.token_len for a in answers),
+                    paper=grid.paper(axis, label), no_edit_rate=counts.no_edit_rate,
                 )
             )
     finally:
@@ -195,6 +215,16 @@ def run_sweep(
     results = [PointResult(**{**asdict(r), "tokens_vs_reference": round(r.generated_tokens / reference, 2)}) for r in results]
     write_report(results, out, grid.name)
     return results
+
+
+def tally(path: Path, cfg: FescaleConfig, run: Summary | None) -> Summary:
+    """A point's counts over all its answer runs: those saved in `path` plus `run`'s (then saved)."""
+    counts = json.loads(path.read_text()) if path.is_file() else {}
+    if run is not None:
+        counts = {k: counts.get(k, 0) + getattr(run, k) for k in COUNTED}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(counts) + "\n")
+    return Summary(cfg.mode, cfg.config_hash(), **{k: counts.get(k, 0) for k in COUNTED})
 
 
 def pareto_frontier(results: list[PointResult]) -> list[PointResult]:
@@ -220,20 +250,19 @@ def cheapest_reaching(results: list[PointResult], score: float) -> PointResult |
 
 
 def markdown_table(results: list[PointResult]) -> str:
-    from engine.summary import format_table
-
     def num(x: float | None, fmt: str = ".1f") -> str:
         return "n/a" if x is None else format(x, fmt)
 
     frontier = {r.model_id for r in pareto_frontier(results)}
     rows = [
         (
-            r.axis, r.label, num(r.score), f"({num(r.ci_low)}, {num(r.ci_high)})", f"{r.verdicts}/{2 * r.questions}",
-            f"{r.generated_tokens:.0f}", f"{num(r.tokens_vs_reference, '.2f')}x", f"{r.latency_s:.1f}", "*" if r.model_id in frontier else "",
+            r.axis, r.label, num(r.score), num(r.paper), f"({num(r.ci_low)}, {num(r.ci_high)})", f"{r.verdicts}/{2 * r.questions}",
+            f"{r.generated_tokens:.0f}", f"{num(r.tokens_vs_reference, '.2f')}x", f"{r.latency_s:.1f}",
+            percent(r.no_edit_rate), "*" if r.model_id in frontier else "",
         )
         for r in results
     ]  # fmt: skip
-    header = ["axis", "value", "score", "95% CI", "verdicts", "gen. tokens/answer", "vs greedy", "p50 latency s", "Pareto"]
+    header = ["axis", "value", "score", "paper", "95% CI", "verdicts", "gen. tokens/answer", "vs greedy", "p50 latency s", "no-edit", "Pareto"]
     return format_table(header, rows)
 
 
@@ -252,24 +281,26 @@ def load_results(out: Path) -> list[PointResult]:
 
 
 def plot(results: list[PointResult], out: Path, name: str) -> None:
-    """`scaling.png`: score vs generated tokens (relative to greedy, log2) per axis with 95% CI bars;
-    `pareto.png`: every point and the frontier."""
+    """`scaling.png`: score vs generated tokens (relative to greedy, log2) per axis with 95% CI bars and
+    the paper's scores as crosses in the axis' colour; `pareto.png`: every point and the frontier."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    def draw(ax, points: list[PointResult], **kwargs) -> None:
+    def draw(ax, points: list[PointResult], **kwargs):
         xs = [r.tokens_vs_reference or 1.0 for r in points]
         ys = [r.score for r in points]
         err = [[r.score - r.ci_low for r in points], [r.ci_high - r.score for r in points]]
-        ax.errorbar(xs, ys, yerr=err, capsize=3, marker="o", **kwargs)
+        return ax.errorbar(xs, ys, yerr=err, capsize=3, marker="o", **kwargs)
 
     scored = [r for r in results if r.score is not None]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for axis in dict.fromkeys(r.axis for r in scored):
         points = sorted((r for r in scored if r.axis == axis), key=lambda r: r.generated_tokens)
-        draw(ax, points, label=axis)
+        line = draw(ax, points, label=axis)
+        paper = [r for r in points if r.paper is not None]
+        ax.plot([r.tokens_vs_reference or 1.0 for r in paper], [r.paper for r in paper], "x", color=line[0].get_color(), markersize=8)
         for r in points:
             ax.annotate(r.label, (r.tokens_vs_reference or 1.0, r.score), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set_xscale("log", base=2)

@@ -1,0 +1,46 @@
+"""The run summary's counts from finished rows, without a model: what the run, distill (`row_stats`
+sent back by the writers) and sweep summaries report about feedback that has no level and no-edits."""
+
+from __future__ import annotations
+
+from engine.rows import Candidate, Edit, Feedback, Message, PromptState
+from engine.summary import Summary, row_stats
+
+
+def fb(text: str, level: str | None, kept: bool = False) -> Feedback:
+    return Feedback(text=text, level=level, keywords=0, kept=kept)
+
+
+def finished_row() -> PromptState:
+    """Two responses: one with an unparseable, a perfect and a kept feedback and two edits (one of them
+    the response again, re-wrapped), one whose only feedback was unparseable (kept unedited)."""
+    first = Candidate(
+        text="Paris is the capital of France.",
+        feedback=[fb("It is fine I guess.", None), fb("The response is perfectly helpful.", "perfectly"), fb("The response is mostly helpful. However, ...", "mostly", kept=True)],
+        feedback_sets=[[2]],
+        edits=[Edit(text="Paris is the capital\nof France.", feedback_set=0), Edit(text="Paris is France's capital.", feedback_set=0)],
+    )
+    second = Candidate(text="Lyon.", feedback=[fb("Wrong city.", None)])
+    return PromptState(id="p", messages=[Message(role="user", content="Capital of France?")], mode="feedback_edit", config_hash="h", candidates=[first, second], final="Paris is France's capital.")
+
+
+def test_row_stats_count_unparseable_feedback_and_no_edits():
+    stats = row_stats(finished_row())
+    assert (stats["feedback"], stats["feedback_unparseable"], stats["feedback_perfect"], stats["feedback_kept"]) == (4, 2, 1, 1)
+    assert (stats["edits"], stats["edits_unchanged"], stats["responses_unedited"]) == (2, 1, 1)
+
+
+def test_summary_reports_them_in_its_table_and_dict():
+    summary = Summary("feedback_edit", "h")
+    summary.add([finished_row(), finished_row()])
+    assert summary.feedback_unparseable == 4 and summary.edits_unchanged == 2 and summary.no_edit_rate == 0.5
+    table = summary.table()
+    assert "4 unparseable dropped" in table and "2 of them no-edits (50.0%)" in table
+    data = summary.to_dict()
+    assert data["feedback_unparseable"] == 4 and data["edits_unchanged"] == 2 and data["no_edit_rate"] == 0.5
+
+
+def test_no_edit_rate_is_none_without_edits():
+    summary = Summary("greedy", "h")
+    summary.add([PromptState(id="g", messages=[Message(role="user", content="hi")], mode="greedy", config_hash="h", candidates=[Candidate(text="hello")], final="hello")])
+    assert summary.no_edit_rate is None and "no-edits (n/a)" in summary.table() and summary.to_dict()["no_edit_rate"] is None
