@@ -12,17 +12,26 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, AsyncIterator, Literal, Protocol
 
 from actors.errors import ConfigError
 
 
 @dataclass(frozen=True)
 class Sampling:
+    """How to sample a `ChatRequest`'s completions, the same for every backend.
+
+    `stop`: a completion ends before the first of these strings (not included, finish "stop"), as
+    OpenAI's and vLLM's `stop`. `seed`: the same seed, request and model give the same samples; None
+    leaves the backend's own random state, which lets it batch the request with any other.
+    """
+
     n: int = 1
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
     max_tokens: int = 256
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
 
 
 @dataclass(frozen=True)
@@ -124,6 +133,12 @@ class Backend(abc.ABC):
             "or select.scorer token_logit for a causal LM read as a reward model"
         )
 
+    async def chat_stream(self, request: ChatRequest) -> AsyncIterator[str | ChatResult]:
+        """One completion (`sampling.n` 1) as it is generated: text deltas, then its `ChatResult`,
+        whose text is the authority (stop strings cut). A backend that cannot stream yields only
+        the result (one chunk at the end)."""
+        yield (await self.chat([request]))[0]
+
     async def update_weights(self, states: list[dict[str, Any]]) -> list[None]:
         """Load a new state dict in place (the last of `states`): RLOO's trainer -> rollout sync."""
         raise NotImplementedError(f"{type(self).__name__} cannot load new weights in place")
@@ -143,3 +158,5 @@ class ModelClient(Protocol):
     async def next_token_logprobs(self, requests: list[NextTokenRequest]) -> list[ScoreResult]: ...
 
     async def classify(self, requests: list[ClassifyRequest]) -> list[ScoreResult]: ...
+
+    def chat_stream(self, request: ChatRequest) -> AsyncIterator[str | ChatResult]: ...

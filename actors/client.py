@@ -8,10 +8,12 @@ events actor and a `RetryPolicy`; it knows nothing of configs.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import AsyncIterator
 
 import ray
 
@@ -39,8 +41,15 @@ class PoolClient:
     method itself (benchmarks.engine_overhead). What fails in a merged call is retried per caller,
     so a failure stays with the caller it belongs to.
 
+    A caller that is cancelled (a client gone, a deadline passed) takes its requests with it: still
+    queued here, they are never sent; already on a replica, the replica is told to cancel that
+    caller's part (`ModelReplica.cancel`: vLLM aborts, the HF backend drops or stops them, an
+    endpoint's connection closes), and the other callers of a merged call go on.
+
     A call whose replica dies (or outlives `call_timeout_s`; the replica is then killed and restarted)
-    is retried, isolated, on another replica, or on the same one once it is back. Only a death while
+    is retried, isolated, on another replica, or on the same one once it is back. A replica that
+    failed takes no new calls while it is down (`_out_of_rotation`), so a dead one costs no caller a
+    failed attempt. Only a death while
     the call ran alone counts against its `max_attempts`: a poison input that crashes its replica
     every time fails alone, as a `PromptCrashError` for its prompt, while the calls that merely shared
     a crash with it succeed. A replica that stays dead (restarts used up) is a `BackendError`: the
@@ -50,8 +59,9 @@ class PoolClient:
     def __init__(self, name: str, replicas: list, events, policy: RetryPolicy):
         self.name, self.replicas, self.events, self.policy = name, replicas, events, policy
         self._in_flight = [0] * len(replicas)
-        self._waiting: dict[str, list[tuple[list, asyncio.Future]]] = {}  # method -> calls of this loop turn
+        self._waiting: dict[str, list[_Caller]] = {}  # method -> calls of this loop turn
         self._sending: set[asyncio.Task] = set()
+        self._down: dict[int, asyncio.Task] = {}  # replicas out of rotation -> the task waiting for each to be back
 
     def __reduce__(self):  # in-flight counts and queued calls are per process: a copy starts from zero
         return (PoolClient, (self.name, self.replicas, self.events, self.policy))
@@ -65,48 +75,80 @@ class PoolClient:
     async def classify(self, requests: list[ClassifyRequest]) -> list[ScoreResult]:
         return await self._call("classify", requests)
 
+    async def chat_stream(self, request: ChatRequest) -> AsyncIterator[str | ChatResult]:
+        """One completion as it is generated (`Backend.chat_stream`), from the least busy replica.
+
+        Not merged and not retried: the caller has seen text already. A replica that dies under it
+        fails this stream only (`PromptCrashError`); a caller that stops reading cancels it there."""
+        i = self._least_busy(None)
+        tag = uuid.uuid4().hex
+        self._in_flight[i] += 1
+        done = False
+        try:
+            async for ref in self.replicas[i].stream.options(num_returns="streaming").remote(request, tag):
+                yield await ref
+            done = True
+        except ray.exceptions.RayTaskError as e:
+            own = unwrap_ray_error(e)
+            if own is not None:
+                raise own from None
+            raise
+        except ray.exceptions.RayActorError as e:
+            self._out_of_rotation(i)
+            raise PromptCrashError(f"pool {self.name}: the replica streaming this answer died ({last_line(e)})") from None
+        finally:
+            self._in_flight[i] -= 1
+            if not done:  # cancelled, or the caller stopped reading: the replica stops generating
+                self.replicas[i].cancel.remote([tag])
+
     async def _call(self, method: str, requests: list) -> list:
         if not requests:
             return []
+        caller = _Caller(requests)
         try:
-            return await self._merged(method, requests)
+            return await self._merged(method, caller)
         except _Shared as shared:  # each caller again on its own: a crash's retry is isolated, as any crash's
-            return await self._retried(method, requests, crashed_on=shared.crashed_on)
+            return await self._retried(method, caller, crashed_on=shared.crashed_on)
 
-    async def _merged(self, method: str, requests: list) -> list:
+    async def _merged(self, method: str, caller: "_Caller") -> list:
         loop = asyncio.get_running_loop()
-        future = loop.create_future()
+        caller.future = loop.create_future()
+        caller.future.add_done_callback(lambda future: future.cancelled() and self._cancel(caller))
         waiting = self._waiting.setdefault(method, [])
-        waiting.append((requests, future))
+        waiting.append(caller)
         if len(waiting) == 1:  # after the callbacks already queued: the callers resumed in this turn
-            loop.call_soon(self._flush, method)
-        return await future
+            # In a context of its own: Ray ties an actor call to the task that made it, and cancelling
+            # that task (Serve does, when its client leaves) would cancel every caller's merged call.
+            loop.call_soon(self._flush, method, context=contextvars.Context())
+        return await caller.future
 
     def _flush(self, method: str) -> None:
-        task = asyncio.ensure_future(self._send(method, self._waiting.pop(method)))
-        self._sending.add(task)
-        task.add_done_callback(self._sending.discard)
+        callers = [c for c in self._waiting.pop(method) if not c.future.done()]  # the cancelled are never sent
+        if callers:
+            task = asyncio.ensure_future(self._send(method, callers))
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
 
-    async def _send(self, method: str, callers: list[tuple[list, asyncio.Future]]) -> None:
+    async def _send(self, method: str, callers: list["_Caller"]) -> None:
         """Hand each caller its part: its results, its error, or `_Shared` (retry your part alone)."""
         try:
             parts = await self._merged_call(method, callers)
         except asyncio.CancelledError:
-            for _, future in callers:
-                future.cancel()
+            for caller in callers:
+                caller.future.cancel()
             raise
         except Exception as e:  # everyone's (the pool is gone, a setting is wrong), or a lone caller's own
             parts = [e] * len(callers)
-        for (_, future), part in zip(callers, parts):
-            if not future.done():  # a caller that was cancelled meanwhile takes nothing
-                future.set_exception(part) if isinstance(part, BaseException) else future.set_result(part)
+        for caller, part in zip(callers, parts):
+            if not caller.future.done():  # a caller that was cancelled meanwhile takes nothing
+                caller.future.set_exception(part) if isinstance(part, BaseException) else caller.future.set_result(part)
 
-    async def _merged_call(self, method: str, callers: list[tuple[list, asyncio.Future]]) -> list:
+    async def _merged_call(self, method: str, callers: list["_Caller"]) -> list:
         if len(callers) == 1:
-            return [await self._retried(method, callers[0][0])]  # its error, if any, is its own (`_send`)
+            return [await self._retried(method, callers[0])]  # its error, if any, is its own (`_send`)
         i = self._least_busy(None)
         try:
-            results = await self._once(i, method, [r for requests, _ in callers for r in requests], None)
+            results = await self._once(i, method, callers, None)
         except (BackendError, ConfigError):
             raise
         except (ray.exceptions.RayActorError, asyncio.TimeoutError) as e:
@@ -118,12 +160,12 @@ class PoolClient:
         except Exception:  # one caller's request (too long, say): each caller again on its own finds whose
             return [_Shared(crashed_on=None)] * len(callers)
         parts, start = [], 0
-        for requests, _ in callers:
-            parts.append(results[start : start + len(requests)])
-            start += len(requests)
+        for caller in callers:
+            parts.append(results[start : start + len(caller.requests)])
+            start += len(caller.requests)
         return parts
 
-    async def _retried(self, method: str, requests: list, crashed_on: int | None = None) -> list:
+    async def _retried(self, method: str, caller: "_Caller", crashed_on: int | None = None) -> list:
         """One caller's call through replica crashes and hangs (see the class docstring); `crashed_on`:
         the replica that died under this call's first attempt, merged with others."""
         call_id: str | None = None if crashed_on is None else uuid.uuid4().hex  # set once through a crash: retried isolated
@@ -132,7 +174,7 @@ class PoolClient:
         while True:
             i = self._least_busy(failed_on)
             try:
-                return await self._once(i, method, requests, call_id)
+                return await self._once(i, method, [caller], call_id)
             except (ray.exceptions.RayActorError, asyncio.TimeoutError) as e:
                 alone, what = await self._failed(i, e, call_id)
                 failures += alone
@@ -149,7 +191,23 @@ class PoolClient:
 
     def _least_busy(self, failed_on: int | None) -> int:
         others = [k for k in range(len(self.replicas)) if k != failed_on] or [failed_on]
-        return min(others, key=self._in_flight.__getitem__)
+        up = [k for k in others if k not in self._down]  # a replica out of rotation only if none is up
+        return min(up or others, key=self._in_flight.__getitem__)
+
+    def _out_of_rotation(self, i: int) -> None:
+        """After replica i failed a call: no new calls go there until it answers `ready` again (a
+        restarted replica loads its model first; one dead for good never comes back). With one
+        replica there is nowhere else to go: its callers wait for it (`_wait_ready`)."""
+        if len(self.replicas) > 1 and i not in self._down:
+            self._down[i] = asyncio.ensure_future(self._back(i))
+
+    async def _back(self, i: int) -> None:
+        try:
+            await self._wait_ready(i)
+        except BackendError:
+            return  # dead for good: stays out
+        self._down.pop(i, None)
+        log.info("pool %s: replica %d is back in rotation", self.name, i)
 
     async def _failed(self, i: int, e: Exception, call_id: str | None) -> tuple[bool, str]:
         """Book a replica's death or hang under a call: (whether the call ran alone, what happened)."""
@@ -164,20 +222,39 @@ class PoolClient:
             # there would die with it and be blamed for this kill.
             await self.events.down.remote(self.replicas[i]._actor_id.hex())
             ray.kill(self.replicas[i], no_restart=False)
+        self._out_of_rotation(i)  # (after `down`: its first probe must not find the process being killed up)
         return alone, what
 
-    async def _once(self, i: int, method: str, requests: list, call_id: str | None) -> list:
+    async def _once(self, i: int, method: str, callers: list["_Caller"], call_id: str | None) -> list:
         self._in_flight[i] += 1
+        for caller in callers:
+            caller.replica = i
         try:
-            ref = self.replicas[i].call.remote(method, requests, call_id)
+            spans = [(c.tag, len(c.requests)) for c in callers]
+            ref = self.replicas[i].call.remote(method, [r for c in callers for r in c.requests], call_id, spans)
+            for caller in callers:  # cancelled between the flush and this send: the replica drops it on arrival
+                if caller.future is not None and caller.future.cancelled():
+                    self._cancel(caller)
             return await (asyncio.wait_for(ref, self.policy.call_timeout_s) if self.policy.call_timeout_s else ref)
+        except asyncio.CancelledError:  # this call's awaiter is gone (a lone caller cancelled, or shutdown)
+            for caller in callers:
+                self._cancel(caller)
+            raise
         except ray.exceptions.RayTaskError as e:
             own = unwrap_ray_error(e)  # the replica's own error, without Ray's traceback wrapping
             if own is not None:
                 raise own from None
             raise
         finally:
+            for caller in callers:
+                caller.replica = None
             self._in_flight[i] -= 1
+
+    def _cancel(self, caller: "_Caller") -> None:
+        """Tell the replica running a cancelled caller's requests to stop them (nothing to do while queued)."""
+        if caller.replica is not None:
+            self.replicas[caller.replica].cancel.remote([caller.tag])
+            caller.replica = None
 
     async def _wait_ready(self, i: int) -> None:
         """Until Ray has restarted replica i and it has loaded its model; one that stays dead fails the pool."""
@@ -192,10 +269,21 @@ class PoolClient:
             except ray.exceptions.ActorUnavailableError:
                 await asyncio.sleep(1.0)  # restarting
             except ray.exceptions.RayActorError as e:
-                raise BackendError(f"pool {self.name}: a replica is dead and out of restarts (roles.*.max_restarts): {last_line(e)}") from None
+                raise BackendError(f"pool {self.name}: a replica is dead: it used up its restarts (roles.*.max_restarts within roles.*.restart_window_s): {last_line(e)}") from None
             except asyncio.TimeoutError:
                 break
         raise BackendError(f"pool {self.name}: a replica did not come back within pipeline.ready_timeout_s={self.policy.ready_timeout_s}")
+
+
+@dataclass(eq=False)
+class _Caller:
+    """One `chat`/`score` call: its requests, the tag its replica knows them by, its future while
+    merged, and the replica running them now (where a cancellation is sent)."""
+
+    requests: list
+    tag: str = field(default_factory=lambda: uuid.uuid4().hex)
+    future: asyncio.Future | None = None
+    replica: int | None = None
 
 
 class _Shared(Exception):

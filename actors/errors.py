@@ -101,6 +101,14 @@ class NotFoundError(FescaleError):
     code = "not_found"
 
 
+class DeadlineError(PromptError):
+    """The request ran past its deadline; its model calls were cancelled, nobody would read them."""
+
+    status = 504
+    type = "timeout_error"
+    code = "deadline_exceeded"
+
+
 class BackendError(FescaleError):
     """A model backend failed for reasons not the prompt's own (engine crash, endpoint down after all
     retries, a pool out of restarts)."""

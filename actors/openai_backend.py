@@ -87,8 +87,14 @@ class OpenAIBackend(Backend):
     async def _chat(self, req: ChatRequest) -> ChatResult:
         s = req.sampling
         body = self._body(req.messages, req.prefix)
+        asked = {"stop": list(s.stop) if s.stop else None, "seed": s.seed}  # sent only when set: not every endpoint takes them
         resp = await self._create(
-            **body, n=s.n, temperature=s.temperature, top_p=s.top_p if s.temperature > 0 else 1.0, max_tokens=s.max_tokens
+            **body,
+            n=s.n,
+            temperature=s.temperature,
+            top_p=s.top_p if s.temperature > 0 else 1.0,
+            max_tokens=s.max_tokens,
+            **{k: v for k, v in asked.items() if v is not None},
         )
         choices = sorted(resp.choices, key=lambda c: c.index)
         usage = resp.usage

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
+from collections import OrderedDict
 from typing import Any
 
 import ray
@@ -28,6 +30,10 @@ REPLICA_ENV = {
     "VLLM_CONFIGURE_LOGGING": "1",
 }
 
+# Tags of cancelled callers kept, for a cancel that overtakes its call (sent right after it, on
+# another connection); a call arrives within moments, so a few thousand recent ones are plenty.
+CANCELLED_REMEMBERED = 4096
+
 
 @ray.remote(num_cpus=0)
 class PoolEvents:
@@ -38,6 +44,7 @@ class PoolEvents:
         self.counts: dict[str, int] = {"restarts": 0, "retries": 0}
         self.running: dict[str, str | None] = {}
         self.loaded: dict[str, bool] = {}  # replica -> its model is loaded (False while it (re)starts)
+        self.restarted: dict[str, list[float]] = {}  # replica -> its restarts within the budget's window
 
     def record(self, kind: str) -> None:
         self.counts[kind] += 1
@@ -48,12 +55,23 @@ class PoolEvents:
     def run(self, replica: str, call: str | None) -> None:
         self.running[replica] = call
 
-    def starting(self, replica: str) -> None:
-        """A replica's process is loading its model; a replica seen starting before is a restart."""
+    def starting(self, replica: str, handle, max_restarts: int, window_s: float) -> None:
+        """A replica's process is loading its model; a replica seen starting before is a restart.
+
+        Ray restarts replicas without limit; the budget is kept here, per replica: at most
+        `max_restarts` restarts within any `window_s` seconds. One more means it crash-loops (a model
+        that cannot run here, a machine out of memory), and it is killed for good: its pool reports
+        it dead. Crashes spread over time (a poison request now and then) never use the budget up."""
         # `running` is kept: a restarted replica can report here before the caller of the call that
         # killed it asks `blamed`, and clearing it then let a poison call retry until restarts ran out.
         if replica in self.loaded:
-            self.counts["restarts"] += 1
+            now = time.monotonic()
+            recent = [t for t in self.restarted.get(replica, []) if now - t < window_s] + [now]
+            self.restarted[replica] = recent
+            if len(recent) > max_restarts:  # not counted: this restart does not happen
+                ray.kill(handle, no_restart=True)
+            else:
+                self.counts["restarts"] += 1
         self.loaded[replica] = False
 
     def up(self, replica: str) -> None:
@@ -74,7 +92,7 @@ class PoolEvents:
 class ModelReplica:
     """One model behind one backend. Async: it accepts calls while the model works.
 
-    Ray restarts a replica that dies (`roles.<role>.max_restarts`). A call retried after a crash comes
+    Ray restarts a replica that dies (`roles.<role>.max_restarts` within `restart_window_s`). A call retried after a crash comes
     back `isolated`: it runs alone on the replica (no other call in flight), and the events actor knows
     it is running, so if the replica dies again the crash is that call's and nobody else's.
 
@@ -82,30 +100,42 @@ class ModelReplica:
     (`benchmarks.faults`), named by import path in the role's `backend`: nothing here looks for it.
     """
 
-    def __init__(self, spec: BackendSpec, events):
+    def __init__(self, spec: BackendSpec, events, restarts: tuple[int, float] = (0, float("inf"))):
+        """`restarts`: (max_restarts, window_s), the restart budget `PoolEvents.starting` keeps."""
         self.events = events
-        self.id = ray.get_runtime_context().get_actor_id()
+        context = ray.get_runtime_context()
+        self.id = context.get_actor_id()
         # The constructor waits for the events actor on purpose (no call runs yet). ray.wait, not
         # ray.get: ray.get in an async actor logs a "blocks the event loop" warning meant for methods.
-        ray.wait([events.starting.remote(self.id)])
+        ray.wait([events.starting.remote(self.id, context.current_actor, *restarts)])
         self.backend = make_backend(spec)
         ray.wait([events.up.remote(self.id)])
         self._gate = asyncio.Condition()
         self._shared = 0  # ordinary calls in flight
         self._isolated = False  # an isolated call is running
         self._waiting = 0  # isolated calls waiting (they go first)
+        self.calls = 0  # actor calls taken (`ready` reports it: a merged call of many callers is one)
+        self.cancelled = 0  # callers' parts stopped by `cancel` (running, or dropped on arrival)
+        self._running: dict[str, asyncio.Task] = {}  # caller tag -> its part's task
+        self._cancelled: OrderedDict[str, None] = OrderedDict()  # recently cancelled tags, oldest first
 
     def ready(self) -> dict[str, Any]:
-        return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(), **self.backend.info()}
+        return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(), "replica_calls": self.calls, "cancelled": self.cancelled, **self.backend.info()}
 
-    async def call(self, method: str, requests: list, isolated: str | None = None) -> list:
-        """`method` (chat, next_token_logprobs, classify) of the backend; alone if `isolated`."""
+    async def call(self, method: str, requests: list, isolated: str | None = None, spans: list[tuple[str, int]] | None = None) -> list:
+        """`method` (chat, next_token_logprobs, classify, update_weights) of the backend; alone if `isolated`.
+
+        `spans` are the callers merged into this call, in order: (tag, how many of `requests` are
+        theirs). Each caller's part runs as its own task, so `cancel(tag)` stops one caller's work
+        and not the others'; a cancelled part comes back as `None`s nobody reads."""
+        spans = spans or [("", len(requests))]
+        self.calls += 1
         if isolated is None:
             async with self._gate:
                 await self._gate.wait_for(lambda: not self._isolated and not self._waiting)
                 self._shared += 1
             try:
-                return await getattr(self.backend, method)(requests)
+                return await self._parts(method, requests, spans)
             finally:
                 async with self._gate:
                     self._shared -= 1
@@ -118,13 +148,72 @@ class ModelReplica:
         try:
             await self.events.run.remote(self.id, isolated)
             try:
-                return await getattr(self.backend, method)(requests)
+                return await self._parts(method, requests, spans)
             finally:  # also after the backend's own error: only a crash leaves the call registered
                 await self.events.run.remote(self.id, None)
         finally:
             async with self._gate:
                 self._isolated = False
                 self._gate.notify_all()
+
+    async def _parts(self, method: str, requests: list, spans: list[tuple[str, int]]) -> list:
+        run = getattr(self.backend, method)
+        tasks: list[asyncio.Task | None] = []
+        start = 0
+        for tag, count in spans:
+            part = requests[start : start + count]
+            start += count
+            if tag in self._cancelled:  # cancelled before it arrived
+                self.cancelled += 1
+                tasks.append(None)
+                continue
+            task = asyncio.ensure_future(run(part))
+            if tag:
+                self._running[tag] = task
+            tasks.append(task)
+        live = [t for t in tasks if t is not None]
+        try:
+            if live:
+                await asyncio.wait(live)
+        except asyncio.CancelledError:  # the whole call cancelled (Ray's cancel): every part stops
+            for task in live:
+                task.cancel()
+            raise
+        finally:
+            for tag, _ in spans:
+                self._running.pop(tag, None)
+        results: list = []
+        for (_, count), task in zip(spans, tasks):
+            if task is None or task.cancelled():
+                results += [None] * count
+            elif task.exception() is not None:
+                raise task.exception()
+            else:
+                results += task.result()
+        return results
+
+    async def stream(self, request, tag: str):
+        """`chat_stream` of the backend, item by item (a Ray streaming generator); `cancel(tag)` stops it."""
+        if tag in self._cancelled:
+            return
+        self.calls += 1
+        self._running[tag] = asyncio.current_task()
+        try:
+            async for item in self.backend.chat_stream(request):
+                yield item
+        finally:
+            self._running.pop(tag, None)
+
+    def cancel(self, tags: list[str]) -> None:
+        """Stop the work of these callers (their client is gone): a running part is cancelled (the
+        backend aborts or drops it), a part that has not arrived yet is dropped when it does."""
+        for tag in tags:
+            self._cancelled[tag] = None
+            task = self._running.get(tag)
+            if task is not None and task.cancel():
+                self.cancelled += 1
+        while len(self._cancelled) > CANCELLED_REMEMBERED:
+            self._cancelled.popitem(last=False)
 
     async def close(self) -> None:
         await self.backend.close()

@@ -88,7 +88,8 @@ class VLLMBackend(Backend):
             return await super().classify(requests)
         return list(await asyncio.gather(*(self._classify(r) for r in requests)))
 
-    async def _chat(self, req: ChatRequest) -> ChatResult:
+    def _sampling(self, req: ChatRequest, output_kind=None):
+        """(prompt ids, SamplingParams) of a chat request; `output_kind` FINAL_ONLY unless streaming."""
         from vllm import SamplingParams
 
         ids = self.fmt.prompt_ids(req.messages, req.prefix)
@@ -98,8 +99,32 @@ class VLLMBackend(Backend):
             temperature=s.temperature,
             top_p=s.top_p if s.temperature > 0 else 1.0,
             max_tokens=self.fmt.room(len(ids), s.max_tokens),
-            output_kind=_final_only(),
+            stop=list(s.stop) or None,
+            seed=s.seed,  # the n samples get seed, seed + 1, ... (vLLM's parallel sampling); refused on CPU (`engine.config`)
+            output_kind=output_kind or _final_only(),
         )
+        return ids, params
+
+    async def chat_stream(self, request: ChatRequest):
+        """Text deltas as vLLM detokenizes them (`RequestOutputKind.DELTA`), then the result. A caller
+        that stops reading closes the generator, and vLLM aborts the request (`AsyncLLM.generate`)."""
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        if request.sampling.n != 1:
+            yield (await self.chat([request]))[0]
+            return
+        ids, params = self._sampling(request, RequestOutputKind.DELTA)
+        text, tokens, finish = "", 0, None
+        async for out in self.engine.generate(TokensPrompt(prompt_token_ids=ids), params, request_id=uuid.uuid4().hex):
+            delta = out.outputs[0]
+            if delta.text:
+                yield delta.text
+            text, tokens, finish = text + delta.text, tokens + len(delta.token_ids), delta.finish_reason or finish
+        yield ChatResult([Completion(text, tokens, "stop" if finish == "stop" else "length")], prompt_tokens=len(ids))
+
+    async def _chat(self, req: ChatRequest) -> ChatResult:
+        ids, params = self._sampling(req)
         out = await self._generate(ids, params)
         completions = [
             Completion(c.text, len(c.token_ids), "stop" if c.finish_reason == "stop" else "length")

@@ -217,7 +217,7 @@ def measure(cfg: FescaleConfig, batch: list[Prompt], warmup: list[Prompt]) -> di
         "udf_wall_s": op.wall_time.sum if op.wall_time else None,
         "out_bytes_per_row": (op.output_size_bytes.sum / rows) if op.output_size_bytes and rows else None,
     }
-    by_kind = {k: {kind: sum(i[k].get(kind, 0) - b[k].get(kind, 0) for i, b in zip(after, before)) for kind in (*KINDS, "all")} for k in ("calls", "requests")}
+    requests_by_kind = {kind: sum(i["requests"].get(kind, 0) - b["requests"].get(kind, 0) for i, b in zip(after, before)) for kind in KINDS}
     arrivals = {tag: t for info in after for tag, t in info["arrivals"].items() if tag in sink.at}
     replica_pids = {info["pid"] for info in after}
     steady_groups = group_cpu({pid: (sampler.labels.get(pid, "?"), c) for pid, c in steady.items()}, replica_pids)
@@ -225,7 +225,8 @@ def measure(cfg: FescaleConfig, batch: list[Prompt], warmup: list[Prompt]) -> di
     return {
         "prompts": len(batch), "answered": summary.prompts, "failed": summary.failed, "errors": sink.errors[:3],
         "seconds": seconds, "started": started, "rows_at": sink.at, "seen_at": arrivals,
-        "calls": by_kind["calls"]["all"], "requests": sum(by_kind["requests"].values()), "requests_by_kind": by_kind["requests"],
+        "calls": sum(i["replica_calls"] - b["replica_calls"] for i, b in zip(after, before)),
+        "requests": sum(requests_by_kind.values()), "requests_by_kind": requests_by_kind,
         "completions": sum(i["completions"] - b["completions"] for i, b in zip(after, before)),
         "backend_busy_s": sum(i["busy_s"] - b["busy_s"] for i, b in zip(after, before)),
         "stage": stage_stats, "cpu": group_cpu(cpu, replica_pids), "driver_threads": driver_threads,

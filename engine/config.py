@@ -18,7 +18,7 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, SecretStr, field_validator, model_validator
@@ -31,6 +31,8 @@ from engine.modes import MODES, ModeName
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 ROLES = ("generator", "feedback", "editor", "reward")
 DEFAULT_TEMPERATURE = 0.7  # the paper's sampling temperature whenever more than one sample is drawn
+# Reward scorers that read a local model's internals, by what they read (an endpoint cannot serve them).
+LOCAL_SCORERS = {"sequence_classification": "a local classifier head", "token_logit": "a local causal LM's raw logits"}
 
 
 class EndpointConfig(StrictModel):
@@ -56,7 +58,12 @@ class RoleConfig(StrictModel):
     max_model_len: PositiveInt | None = Field(None, description="context length; default the model's own")
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="passed through to vLLM / from_pretrained / the OpenAI request body")
     env: dict[str, str] = Field(default_factory=dict, description="environment variables of the replica processes")
-    max_restarts: NonNegativeInt = Field(10, description="times Ray restarts a replica that died (killed, OOM, crashed; a poison prompt costs pipeline.max_attempts) before its pool gives up")
+    max_restarts: NonNegativeInt = Field(
+        10, description="restarts of a replica that died (killed, OOM, crashed; a poison prompt costs up to pipeline.max_attempts + 1) allowed within restart_window_s; one more and its pool gives up on it"
+    )
+    restart_window_s: PositiveFloat = Field(
+        600.0, description="the window of max_restarts: crashes spread over hours (a poison request now and then) never add up to a dead server"
+    )
     endpoint: EndpointConfig | None = None
 
     @model_validator(mode="after")
@@ -103,6 +110,7 @@ class SamplingConfig(StrictModel):
     temperature: NonNegativeFloat | None = None
     top_p: float = Field(0.9, gt=0.0, le=1.0)
     max_tokens: PositiveInt = 2048
+    stop: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list, max_length=4, description="up to 4 strings; an answer ends before the first (OpenAI's `stop`)")
 
     def temperature_for(self, n: int) -> float:
         if self.temperature is not None:
@@ -190,7 +198,14 @@ class EditConfig(SamplingConfig):
 
 
 class SelectConfig(StrictModel):
-    scorer: Literal["logit_judge", "sequence_classification", "generative"] = "logit_judge"
+    """How the final candidates are scored (README "Reward scorers")."""
+
+    scorer: Literal["logit_judge", "sequence_classification", "token_logit", "generative"] = "logit_judge"
+    token_id: NonNegativeInt = Field(
+        0,
+        description="token_logit: the vocabulary id whose raw logit at the conversation's last position is the score "
+        "(0 for Llama-3.3-Nemotron-70B-Select and Llama-3.1-Nemotron-70B-Reward)",
+    )
     include_originals: bool = Field(False, description="also score the unedited responses as candidates")
     judge_template: str = templates.JUDGE
     target_token: str = "Yes"
@@ -229,6 +244,7 @@ class ServeCaps(StrictModel):
     max_model_calls: PositiveInt = Field(
         1024, description="responses + feedback + edits + scorings one request may cause (engine.knobs.model_calls): the knobs' product"
     )
+    max_deadline_s: PositiveFloat = Field(3600.0, description="fescale.deadline_s a request may ask for")
 
 
 class ServeConfig(StrictModel):
@@ -251,7 +267,24 @@ class ServeConfig(StrictModel):
     max_request_bytes: PositiveInt = Field(1 << 20, description="request body limit; larger: 413 before it is read whole")
     max_messages: PositiveInt = Field(512, description="messages per request")
     max_json_depth: PositiveInt = Field(32, description="nesting of the request's JSON")
+    deadline_s: PositiveFloat = Field(
+        600.0, description="a request still unanswered after this long gets a 504 and its model calls are cancelled (per request: fescale.deadline_s)"
+    )
     caps: ServeCaps = Field(default_factory=ServeCaps)
+    model_presets: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="more model ids, each with default `fescale` knobs (a request's own win), e.g. fescale-greedy: {mode: greedy}"
+    )
+
+    @model_validator(mode="after")
+    def _check_presets(self) -> "ServeConfig":
+        from engine.openai_protocol import knobs_problem  # the request's own knob schema (that module sits above this one)
+
+        for name, knobs in self.model_presets.items():
+            if not name.strip() or name == self.model_name:
+                raise ValueError(f"model_presets: {name!r} is not a new model id (serve.model_name's defaults are the config itself)")
+            if problem := knobs_problem(knobs, self.modes):
+                raise ValueError(f"model_presets.{name}.{problem}")
+        return self
 
     @field_validator("api_keys")
     @classmethod
@@ -264,6 +297,9 @@ class ServeConfig(StrictModel):
 class FescaleConfig(StrictModel):
     mode: ModeName = "feedback_edit"
     seed: int = 0
+    sampling_seed: NonNegativeInt | None = Field(
+        None, description="seed every sampling call (a request's `seed`): same request, same answer; null: the backends' own random state, batched freely"
+    )
     roles: Roles = Field(default_factory=Roles)
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)
@@ -280,10 +316,17 @@ class FescaleConfig(StrictModel):
                 f"mode {self.mode} draws one response, got generate.num_responses={self.generate.num_responses}; "
                 "set it to 1 or use mode best_of_n"
             )
-        reward = self.roles.get("reward")
-        if self.select.scorer == "sequence_classification" and reward.backend == "openai":
+        seeded = [r for r, role in self.active_roles().items() if r != "reward" and role.backend == "vllm" and role.num_gpus == 0]
+        if self.sampling_seed is not None and seeded:
             raise ValueError(
-                "select.scorer sequence_classification needs a local classifier (roles.reward.backend hf or vllm)"
+                f"sampling_seed (a request's `seed`) cannot be honoured by roles.{seeded[0]} (vllm on CPU: a per-request seed "
+                "crashes its engine on large steps); it is seeded once by `seed`. Drop the seed or run that role on hf or a GPU"
+            )
+        reward = self.roles.get("reward")
+        if self.select.scorer in LOCAL_SCORERS and reward.backend == "openai":
+            raise ValueError(
+                f"select.scorer {self.select.scorer} needs {LOCAL_SCORERS[self.select.scorer]} (roles.reward.backend hf or vllm); "
+                "an OpenAI-compatible endpoint returns neither head scores nor raw logits"
             )
         return self
 
@@ -308,9 +351,12 @@ class FescaleConfig(StrictModel):
         """The modes the Serve app accepts per request (its pools cover all their roles)."""
         return list(self.serve.modes or MODES)
 
-    def role_kind(self, role: str) -> Literal["causal", "classifier"]:
+    def role_kind(self, role: str) -> Literal["causal", "classifier", "token_logit"]:
+        """How the role's model is loaded and read (`BackendSpec.kind`); a kind of its own is a pool of its own."""
         if role == "reward" and self.select.scorer == "sequence_classification":
             return "classifier"
+        if role == "reward" and self.select.scorer == "token_logit":
+            return "token_logit"
         return "causal"
 
     def config_hash(self) -> str:
@@ -318,7 +364,7 @@ class FescaleConfig(StrictModel):
         data = self.model_dump(mode="json", exclude={"pipeline", "serve"})
         for role in ROLES:
             spec = self.roles.get(role).model_dump(mode="json")
-            for k in ("replicas", "num_cpus", "threads", "batch_size", "env", "max_restarts"):
+            for k in ("replicas", "num_cpus", "threads", "batch_size", "env", "max_restarts", "restart_window_s"):
                 spec.pop(k)
             data["roles"][role] = spec
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

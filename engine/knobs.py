@@ -1,18 +1,19 @@
 """One chat request -> the validated config it runs with: the server's config, the request's knobs, the caps.
 
 A request may change the mode and the scaling axes (N, M, E, K) and the generator's sampling; it
-never changes roles or models, so it always runs on the pools the server already loaded. The result
-goes through the same validation as a YAML config, then through the server's caps.
+never changes roles or models, so it always runs on the pools the server already loaded. A model id
+of `serve.model_presets` gives the request that preset's knobs under its own (`with_preset`). The
+result goes through the same validation as a YAML config, then through the server's caps.
 """
 
 from __future__ import annotations
 
 import math
 
-from engine.config import FescaleConfig, PlanItem, build_config
-from actors.errors import ConfigError, RequestError
+from engine.config import FescaleConfig, PlanItem, ServeConfig, build_config
+from actors.errors import ConfigError, NotFoundError, RequestError
 from engine.modes import MODES
-from engine.openai_protocol import ChatCompletionRequest
+from engine.openai_protocol import ChatCompletionRequest, FescaleKnobs
 
 
 def spread(total: int, plan: list[PlanItem]) -> list[dict]:
@@ -22,9 +23,36 @@ def spread(total: int, plan: list[PlanItem]) -> list[dict]:
     return [{"count": c, "temperature": item.temperature} for c, item in zip(counts, plan) if c]
 
 
+def served_models(serve: ServeConfig) -> list[str]:
+    """The model ids a request may name (GET /v1/models): the server's own, then its presets."""
+    return [serve.model_name, *serve.model_presets]
+
+
+def with_preset(serve: ServeConfig, req: ChatCompletionRequest) -> ChatCompletionRequest:
+    """The request with its model's preset knobs under the ones it sets itself; `NotFoundError` (404)
+    for a model id this server does not serve."""
+    if req.model in (None, serve.model_name):
+        return req
+    if req.model not in serve.model_presets:
+        served = ", ".join(map(repr, served_models(serve)))
+        raise NotFoundError(f"model {req.model!r} does not exist; this server serves {served}", param="model", code="model_not_found")
+    knobs = {**serve.model_presets[req.model], **req.fescale.model_dump(exclude_unset=True)}
+    return req.model_copy(update={"fescale": FescaleKnobs.model_validate(knobs)})
+
+
 def request_config(base: FescaleConfig, req: ChatCompletionRequest) -> FescaleConfig:
-    """The config of one request; `RequestError` (a 400) names the knob or cap that is out of bounds."""
-    knobs = req.fescale
+    """The config of one request; `RequestError` (a 400) names the knob or cap that is out of bounds.
+
+    A preset's own values are the operator's defaults for its model id: like the config's, they pass
+    the caps (`check_caps`)."""
+    preset = base.serve.model_presets.get(req.model or "")
+    cfg = configured(base, req.fescale, req)
+    check_caps(cfg, base, configured(base, FescaleKnobs.model_validate(preset)) if preset else None)
+    return cfg
+
+
+def configured(base: FescaleConfig, knobs: FescaleKnobs, req: ChatCompletionRequest | None = None) -> FescaleConfig:
+    """`base` with the knobs and the request's sampling parameters applied, validated, not capped."""
     mode = knobs.mode or base.mode
     if mode not in base.served_modes():
         raise RequestError(f"fescale.mode {mode!r} is not served here; serve.modes: {', '.join(base.served_modes())}")
@@ -46,17 +74,36 @@ def request_config(base: FescaleConfig, req: ChatCompletionRequest) -> FescaleCo
         feedback["effective"] = knobs.feedback_samples  # fewer samples than the default E: keep them all
     if knobs.edits_per_set is not None:
         data["edit"]["edits_per_set"] = knobs.edits_per_set
-    for key, value in (("max_tokens", req.generation_max_tokens), ("temperature", req.temperature), ("top_p", req.top_p)):
-        if value is not None:
-            generate[key] = value
-    if req.seed is not None:
-        data["seed"] = req.seed
+    if req is not None:
+        apply_sampling(data, req)
     try:
-        cfg = build_config(data, source="this request's fescale knobs")
+        return build_config(data, source="this request's fescale knobs")
     except ConfigError as e:
         raise RequestError(str(e)) from None
-    check_caps(cfg, base)
-    return cfg
+
+
+def apply_sampling(data: dict, req: ChatCompletionRequest) -> None:
+    """The request's OpenAI sampling parameters into a config mapping. `stop` ends every text that can
+    become the answer: the generator's responses and the editor's edits (not feedback, which the
+    answer never shows). `seed` seeds every sampling call (`sampling_seed`) and the method's own
+    random choices (`seed`: guided feedback levels, feedback sets)."""
+    for key, value in (("max_tokens", req.generation_max_tokens), ("temperature", req.temperature), ("top_p", req.top_p)):
+        if value is not None:
+            data["generate"][key] = value
+    if req.stop:
+        data["generate"]["stop"] = data["edit"]["stop"] = req.stop
+    if req.seed is not None:
+        data["seed"] = data["sampling_seed"] = req.seed
+
+
+def deadline_s(base: FescaleConfig, req: ChatCompletionRequest) -> float:
+    """Seconds the request may run: its `fescale.deadline_s` (at most `serve.caps.max_deadline_s`) or the server's."""
+    asked, cap = req.fescale.deadline_s, base.serve.caps.max_deadline_s
+    if asked is None:
+        return base.serve.deadline_s
+    if asked > cap and asked != base.serve.model_presets.get(req.model or "", {}).get("deadline_s"):  # a preset's: the operator's
+        raise RequestError(f"fescale.deadline_s={asked} exceeds this server's cap serve.caps.max_deadline_s={cap}", param="fescale.deadline_s")
+    return asked
 
 
 def model_calls(cfg: FescaleConfig) -> int:
@@ -81,8 +128,9 @@ def model_calls(cfg: FescaleConfig) -> int:
     return calls
 
 
-def check_caps(cfg: FescaleConfig, base: FescaleConfig) -> None:
-    """Limits on what a request asks for; the server's own defaults are the operator's choice, not capped."""
+def check_caps(cfg: FescaleConfig, base: FescaleConfig, preset: FescaleConfig | None = None) -> None:
+    """Limits on what a request asks for; the server's own defaults (and its model preset's, `preset`)
+    are the operator's choice, not capped."""
     caps = base.serve.caps
 
     def work(c: FescaleConfig) -> list[tuple[str, int, str]]:
@@ -95,7 +143,7 @@ def check_caps(cfg: FescaleConfig, base: FescaleConfig) -> None:
         limits.append(("model calls (responses, feedback, edits and scores)", model_calls(c), "max_model_calls"))
         return limits
 
-    defaults = {name: value for name, value, _ in work(base)}
+    defaults = {(name, value) for c in (base, preset) if c is not None for name, value, _ in work(c)}
     for name, value, cap in work(cfg):
-        if value > getattr(caps, cap) and value != defaults.get(name):
+        if value > getattr(caps, cap) and (name, value) not in defaults:
             raise RequestError(f"{name}={value} exceeds this server's cap serve.caps.{cap}={getattr(caps, cap)}")

@@ -1,8 +1,9 @@
 """The OpenAI chat-completions wire format the Serve app speaks: requests in, bodies and SSE chunks out.
 
 Requests are parsed strictly where a mistake would change the answer (roles, empty content, knobs,
-`n`) and leniently elsewhere: fields an OpenAI client may send that fescale does not use (`user`,
-`stop`, ...) are ignored, as vLLM's server does. Every error body has OpenAI's shape
+`n`, `stop`, the parameters fescale cannot honour: `ChatCompletionRequest.UNSUPPORTED`) and leniently
+elsewhere: fields that do not change the answer (`user`, `metadata`, `store`, ...) are ignored, as
+vLLM's server does. Every error body has OpenAI's shape
 (`error_response`, the one place an exception becomes an HTTP status).
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError, field_validator, model_validator
 
@@ -50,6 +51,7 @@ class FescaleKnobs(BaseModel):
     effective_feedback: PositiveInt | None = Field(None, description="E feedback kept after filtering")
     edits_per_set: PositiveInt | None = Field(None, description="K edits per feedback set")
     return_trace: bool = Field(False, description="return candidates, feedback and scores in the `fescale` field")
+    deadline_s: float | None = Field(None, gt=0, description="seconds until a 504 that cancels the request's model calls [serve.deadline_s]")
 
 
 class StreamOptions(_Lenient):
@@ -65,23 +67,57 @@ class ChatCompletionRequest(_Lenient):
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     n: PositiveInt = 1
     seed: NonNegativeInt | None = None
+    stop: list[str] = Field(default_factory=list)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    tools: list[Any] | None = None
     fescale: FescaleKnobs = Field(default_factory=FescaleKnobs)
+
+    # OpenAI parameters that would change the answer and that fescale cannot honour -> (the values
+    # that ask for nothing, besides absent or null; why not). Ignoring one would hand the client an
+    # answer that silently breaks its contract (free text where it asked for JSON, no log-probs, a
+    # tool call that never comes), so each is refused with a 400 that names it.
+    UNSUPPORTED: ClassVar[dict[str, tuple[tuple[Any, ...], str]]] = {
+        "response_format": (({"type": "text"},), "the answer is free text, written, edited and selected by the method"),
+        "logprobs": ((False,), "the answer is selected among candidates; its log-probabilities are not returned"),
+        "top_logprobs": ((0,), "the answer is selected among candidates; its log-probabilities are not returned"),
+        "logit_bias": (({},), "token biases are not passed to the models"),
+        "tools": (([],), "tool calling is not supported"),
+        "tool_choice": (("none",), "tool calling is not supported"),
+        "functions": (([],), "tool calling is not supported"),
+        "function_call": (("none",), "tool calling is not supported"),
+        "presence_penalty": ((0, 0.0), "repetition penalties are not passed to the models"),
+        "frequency_penalty": ((0, 0.0), "repetition penalties are not passed to the models"),
+        "modalities": ((["text"],), "the answer is text only"),
+        "audio": ((), "the answer is text only"),
+    }
+    MAX_STOPS: ClassVar[int] = 4  # OpenAI's
+    MAX_STOP_CHARS: ClassVar[int] = 256  # bounds the HF backend's check at every generated token
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unsupported(cls, data: Any) -> Any:
+        """A `RequestError` (raised through pydantic as is) naming the first unsupported parameter set."""
+        for name, (asks_nothing, why) in cls.UNSUPPORTED.items():
+            value = data.get(name) if isinstance(data, dict) else None
+            if value is not None and not any(type(value) is type(ok) and value == ok for ok in asks_nothing):
+                shown = json.dumps(value)
+                shown = shown if len(shown) <= 60 else shown[:57] + "..."
+                raise RequestError(f"{name}={shown} is not supported: {why}; remove it", param=name, code="unsupported_parameter")
+        return data
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_strings(cls, v: Any) -> list[str]:
+        stops = [] if v is None else [v] if isinstance(v, str) else v
+        if not isinstance(stops, list) or len(stops) > cls.MAX_STOPS or not all(isinstance(s, str) and 0 < len(s) <= cls.MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"must be a string or a list of up to {cls.MAX_STOPS} strings, each of 1 to {cls.MAX_STOP_CHARS} characters")
+        return stops
 
     @field_validator("n")
     @classmethod
     def _one_choice(cls, v: int) -> int:
         if v != 1:
             raise ValueError("fescale returns one selected answer: n must be 1 (ask for more candidates with fescale.num_responses)")
-        return v
-
-    @field_validator("tools")
-    @classmethod
-    def _no_tools(cls, v: list | None) -> list | None:
-        if v:
-            raise ValueError("tool calling is not supported by fescale")
         return v
 
     @model_validator(mode="after")
@@ -104,16 +140,18 @@ class ChatCompletionRequest(_Lenient):
 INT64 = 2**63 - 1
 
 
-def parse_request(body: bytes, max_depth: int = 32, max_messages: int = 512) -> ChatCompletionRequest:
+def parse_request(body: bytes, max_depth: int = 32, max_messages: int = 512, headers: Mapping[str, str] | None = None) -> ChatCompletionRequest:
     """The request body, or a `RequestError` (400) that says what is wrong and where.
 
     What Python's own JSON decoding would turn into a 500 is caught here, before any work: nesting
     deeper than `max_depth` (json.loads itself fails with RecursionError near 1,000 levels), integers
     beyond 64 bits (over 4,300 digits json.loads raises ValueError), text that UTF-8 cannot hold (a
     lone surrogate such as "\\ud800" parses, then fails when a tokenizer or a log encodes it), and more
-    than `max_messages` messages."""
+    than `max_messages` messages. Knobs may also come as `X-Fescale-<knob>` headers (`header_knobs`),
+    for clients that cannot add a body field; the body's own `fescale` values win."""
+    from_headers = header_knobs(headers or {})
     try:
-        data = json.loads(body)
+        data = json.loads(body, parse_constant=_not_json)
     except RecursionError:
         raise RequestError(f"request body nests deeper than {max_depth} levels", code="invalid_json") from None
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer of more than 4,300 digits
@@ -122,20 +160,64 @@ def parse_request(body: bytes, max_depth: int = 32, max_messages: int = 512) -> 
     check_values(data, max_depth)
     if not isinstance(data, dict):
         raise RequestError("request body must be a JSON object", code="invalid_json")
+    if from_headers:
+        data["fescale"] = {**from_headers, **(data["fescale"] if isinstance(data.get("fescale"), dict) else {})}
     messages = data.get("messages")
     if isinstance(messages, list) and len(messages) > max_messages:
         raise RequestError(f"messages: {len(messages)} messages; this server takes at most {max_messages} (serve.max_messages)", param="messages")
     try:
         return ChatCompletionRequest.model_validate(data)
     except ValidationError as e:
-        err = e.errors()[0]
-        param = ".".join(str(p) for p in err["loc"]) or None
-        message = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            message = f"unknown knob; valid: {', '.join(FescaleKnobs.model_fields)}"
-        elif err["type"] == "missing":
-            message = "is required"
+        param, message = _described(e)
         raise RequestError(f"{param}: {message}" if param else message, param=param) from None
+
+
+HEADER_PREFIX = "x-fescale-"
+
+
+def header_knobs(headers: Mapping[str, str]) -> dict[str, str]:
+    """`X-Fescale-Num-Responses: 4` -> {"num_responses": "4"} (checked: an unknown knob or a bad value
+    is a 400 naming the header). Values stay strings; the knobs' own types parse them."""
+    knobs = {k.lower().removeprefix(HEADER_PREFIX).replace("-", "_"): v for k, v in headers.items() if k.lower().startswith(HEADER_PREFIX)}
+    for name, value in knobs.items():
+        header = HEADER_PREFIX + name.replace("_", "-")
+        if name not in FescaleKnobs.model_fields:
+            raise RequestError(f"header {header}: unknown knob; valid: {', '.join(HEADER_PREFIX + k.replace('_', '-') for k in FescaleKnobs.model_fields)}", param=header)
+        try:
+            FescaleKnobs.model_validate({name: value})
+        except ValidationError as e:
+            raise RequestError(f"header {header}: {_described(e)[1]}", param=header) from None
+    return knobs
+
+
+def knobs_problem(knobs: Any, modes: list[str] | None = None) -> str | None:
+    """What is wrong with a `fescale` knobs object ("retries: unknown knob; ..."), or None. The config's
+    `serve.model_presets` are checked here at load, by the same rules as a request's own knobs."""
+    try:
+        parsed = FescaleKnobs.model_validate(knobs)
+    except ValidationError as e:
+        param, message = _described(e)
+        return f"{param}: {message}" if param else message
+    if modes and parsed.mode and parsed.mode not in modes:
+        return f"mode: {parsed.mode!r} is not in serve.modes"
+    return None
+
+
+def _described(error: ValidationError) -> tuple[str | None, str]:
+    """(the field, what is wrong) of the first error, in words a client can act on."""
+    err = error.errors()[0]
+    param = ".".join(str(p) for p in err["loc"]) or None
+    message = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        message = f"unknown knob; valid: {', '.join(FescaleKnobs.model_fields)}"
+    elif err["type"] == "missing":
+        message = "is required"
+    return param, message
+
+
+def _not_json(name: str) -> None:
+    """json.loads takes NaN and Infinity; JSON (and every knob) has no such numbers."""
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def check_values(data: Any, max_depth: int) -> None:
@@ -194,38 +276,66 @@ def trace_body(state: PromptState) -> dict:
 
 
 class Completion:
-    """The answer of one request, as one body or as a stream of SSE chunks."""
+    """The answer of one request, as one body or as a stream of SSE events.
 
-    def __init__(self, model: str, state: PromptState, trace: bool):
+    A stream opens at once with the assistant role, then sends an SSE comment as each step of the
+    method finishes (clients skip comments; a gateway sees a live connection, a user sees progress),
+    then the answer in pieces, the finish reason, usage if asked and `[DONE]`. The method picks its
+    answer only at the end, so the answer's text cannot come sooner than that."""
+
+    def __init__(self, model: str, trace: bool):
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
-        self.model, self.state, self.trace = model, state, trace
+        self.model, self.trace = model, trace
 
-    def body(self) -> dict:
+    def body(self, state: PromptState) -> dict:
         body = {
             "id": self.id,
             "object": "chat.completion",
             "created": self.created,
             "model": self.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": self.state.final}, "finish_reason": self.state.final_finish_reason()}],
-            "usage": usage_body(self.state),
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": state.final}, "finish_reason": state.final_finish_reason()}],
+            "usage": usage_body(state),
         }
         if self.trace:
-            body["fescale"] = trace_body(self.state)
+            body["fescale"] = trace_body(state)
         return body
 
-    def chunks(self, include_usage: bool, piece_chars: int = 32) -> list[str]:
-        """SSE events: the role, the answer in pieces, the finish reason, usage if asked, `[DONE]`."""
-        text = self.state.final or ""
-        deltas = [{"role": "assistant", "content": ""}] + [{"content": text[i : i + piece_chars]} for i in range(0, len(text), piece_chars)]
-        events = [self._chunk([{"index": 0, "delta": d, "finish_reason": None}]) for d in deltas]
-        last = self._chunk([{"index": 0, "delta": {}, "finish_reason": self.state.final_finish_reason()}])
+    def opening(self) -> str:
+        return _event(self._chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]))
+
+    @staticmethod
+    def progress(step: str, seconds: float) -> str:
+        return f": fescale {step} done in {seconds:.2f}s\n\n"
+
+    def delta(self, text: str) -> str:
+        """A piece of the answer as the model generates it (greedy streams its tokens)."""
+        return _event(self._chunk([{"index": 0, "delta": {"content": text}, "finish_reason": None}]))
+
+    def closing(self, state: PromptState, include_usage: bool, streamed: int = 0, piece_chars: int = 32) -> list[str]:
+        """The answer in pieces (after its first `streamed` characters, sent as deltas already), the
+        finish reason (and the trace if asked), usage if asked, `[DONE]`."""
+        text = (state.final or "")[streamed:]
+        events = [self._chunk([{"index": 0, "delta": {"content": text[i : i + piece_chars]}, "finish_reason": None}]) for i in range(0, len(text), piece_chars)]
+        last = self._chunk([{"index": 0, "delta": {}, "finish_reason": state.final_finish_reason()}])
         if self.trace:
-            last["fescale"] = trace_body(self.state)
+            last["fescale"] = trace_body(state)
         events.append(last)
         if include_usage:
-            events.append(self._chunk([], usage=usage_body(self.state)))
-        return [f"data: {json.dumps(e)}\n\n" for e in events] + ["data: [DONE]\n\n"]
+            events.append(self._chunk([], usage=usage_body(state)))
+        return [_event(e) for e in events] + [DONE]
+
+    @staticmethod
+    def failed(body: dict) -> list[str]:
+        """A failure after the stream opened (its status is sent already): the error body as an event, as vLLM does."""
+        return [_event(body), DONE]
 
     def _chunk(self, choices: list, **extra) -> dict:
         return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model, "choices": choices, **extra}
+
+
+DONE = "data: [DONE]\n\n"
+
+
+def _event(data: dict) -> str:
+    return f"data: {json.dumps(data)}\n\n"

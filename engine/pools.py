@@ -61,9 +61,11 @@ class Pools:
     `layouts` is the plan by pool name; `replicas` the running replica handles by pool name.
     """
 
-    def __init__(self, cfg: FescaleConfig, modes: Iterable[str] | None = None):
+    def __init__(self, cfg: FescaleConfig, modes: Iterable[str] | None = None, roles: Iterable[str] | None = None):
+        """`roles`: start only the pools serving these roles (`fescale score` needs the reward model alone)."""
         self.cfg = cfg
-        self.layouts = plan_pools(cfg, modes)
+        wanted = None if roles is None else set(roles)
+        self.layouts = {name: p for name, p in plan_pools(cfg, modes).items() if wanted is None or wanted & set(p.roles)}
         self.replicas: dict[str, list] = {name: [] for name in self.layouts}
         self.groups: dict[str, list] = {name: [] for name in self.layouts}
         self.events = None
@@ -99,9 +101,10 @@ class Pools:
                 pg = reserve(pool.placement, f"fescale-{name}-{i}", timeout, key)
                 self.groups[name].append(pg)
                 options = actor_options(pool.placement, pg)
-                replica = ModelReplica.options(
-                    **options, max_restarts=pool.role.max_restarts, max_task_retries=0, runtime_env={"env_vars": env}
-                ).remote(pool.spec, self.events)
+                # Ray restarts it without limit; the budget per window is the events actor's (`PoolEvents.starting`).
+                replica = ModelReplica.options(**options, max_restarts=-1, max_task_retries=0, runtime_env={"env_vars": env}).remote(
+                    pool.spec, self.events, (pool.role.max_restarts, pool.role.restart_window_s)
+                )
                 self.replicas[name].append(replica)
         for name, pool in self.layouts.items():
             try:
@@ -127,20 +130,22 @@ class Pools:
         return ray.get(self.events.snapshot.remote(), timeout=30) if self.events is not None else {"restarts": 0, "retries": 0}
 
     async def health(self, timeout_s: float = 2.0) -> dict[str, dict]:
-        """Per pool: replicas, how many answer `ready` now (fewer while one restarts), and their PIDs."""
+        """Per pool: replicas, how many answer `ready` now (fewer while one restarts), their PIDs, and
+        the callers' calls they stopped because the caller was gone (since each replica's last start)."""
 
-        async def probe(replica) -> int | None:
+        async def probe(replica) -> dict | None:
             try:
                 if not await self.events.is_up.remote(replica._actor_id.hex()):
                     return None  # (re)loading its model
-                return (await asyncio.wait_for(replica.ready.remote(), timeout_s))["pid"]
+                return await asyncio.wait_for(replica.ready.remote(), timeout_s)
             except (ray.exceptions.RayActorError, asyncio.TimeoutError):
                 return None
 
         report = {}
         for name, replicas in self.replicas.items():
-            pids = [pid for pid in await asyncio.gather(*(probe(r) for r in replicas)) if pid is not None]
-            report[name] = {"replicas": len(replicas), "ready": len(pids), "pids": pids}
+            infos = [info for info in await asyncio.gather(*(probe(r) for r in replicas)) if info is not None]
+            pids, cancelled = [i["pid"] for i in infos], sum(i["cancelled"] for i in infos)
+            report[name] = {"replicas": len(replicas), "ready": len(pids), "pids": pids, "cancelled": cancelled}
         return report
 
     def shutdown(self) -> None:

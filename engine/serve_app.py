@@ -20,8 +20,10 @@ non-loopback host without keys is refused unless `serve.allow_unauthenticated` s
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
+import json
 import logging
 import os
 import time
@@ -32,16 +34,17 @@ from fastapi import FastAPI, Request
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
 from engine.pools import PoolClients, Pools
 from engine.config import FescaleConfig, build_config, load_config
-from actors.errors import AuthError, ConfigError, NotFoundError, RequestTooLargeError
-from engine.knobs import request_config
+from actors.errors import AuthError, BackendError, ConfigError, DeadlineError, NotFoundError, RequestTooLargeError
+from engine.knobs import deadline_s, request_config, served_models, with_preset
 from engine.openai_protocol import ChatCompletionRequest, Completion, error_response, parse_request
 from engine.rows import Message, PromptState
 from engine.serve_metrics import ServeMetrics
-from engine.steps import build_steps, run_steps
+from engine.steps import build_steps, each_step
 
 log = logging.getLogger("fescale")
 APP_NAME = "fescale"
@@ -179,45 +182,109 @@ class FescaleAPI:
             self.authorize(request)
         except AuthError as e:
             return _error(e)
-        model = {"id": self.cfg.serve.model_name, "object": "model", "created": 0, "owned_by": "fescale"}
-        return JSONResponse({"object": "list", "data": [model]})
+        models = [{"id": name, "object": "model", "created": 0, "owned_by": "fescale"} for name in served_models(self.cfg.serve)]
+        return JSONResponse({"object": "list", "data": models})
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
+        """One answer. A client that disconnects, or a request past its deadline (504), cancels the
+        request's model calls on every pool (`actors.client.PoolClient`): nobody would read them."""
         started = time.perf_counter()
-        mode, state, status = self.cfg.mode, None, 200
-        self.ongoing += 1
-        self.metrics.ongoing.set(self.ongoing)
+        self._begin()
         try:
             self.authorize(request)
             s = self.cfg.serve
-            req = parse_request(await read_body(request, s.max_request_bytes), s.max_json_depth, s.max_messages)
-            if req.model not in (None, s.model_name):
-                raise NotFoundError(f"model {req.model!r} does not exist; this server serves {s.model_name!r}", param="model", code="model_not_found")
-            state = await self.answer(req)
-            mode = state.mode
-            completion = Completion(self.cfg.serve.model_name, state, req.fescale.return_trace)
-            if req.stream:
-                include_usage = bool(req.stream_options and req.stream_options.include_usage)
-                return StreamingResponse(iter(completion.chunks(include_usage)), media_type="text/event-stream")
-            return JSONResponse(completion.body())
+            req = parse_request(await read_body(request, s.max_request_bytes), s.max_json_depth, s.max_messages, request.headers)
+            req = with_preset(s, req)  # a model id of serve.model_presets: its knobs; an unknown one: 404
+            cfg, deadline = request_config(self.cfg, req), deadline_s(self.cfg, req)
         except Exception as e:  # any failure fails this request only
+            response = _error(e)
+            self._end(self.cfg.mode, response.status_code, started, None)
+            return response
+        except asyncio.CancelledError:  # the client left while its body was read
+            self._end(self.cfg.mode, 499, started, None)
+            raise
+        completion = Completion(req.model or s.model_name, req.fescale.return_trace)
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(self._stream(completion, cfg, req, deadline, include_usage, started), media_type="text/event-stream")
+        status, state = 499, self._state(cfg, req)  # 499: the client went away (nginx's code); the metric's status only
+        try:
+            async for _ in self._steps(cfg, state, deadline):
+                pass
+            status = 200
+            return JSONResponse(completion.body(state))
+        except Exception as e:
             response = _error(e)
             status = response.status_code
             return response
         finally:
-            self.ongoing -= 1
-            self.metrics.ongoing.set(self.ongoing)
-            self.metrics.finished(mode, status, time.perf_counter() - started, state if status == 200 else None)
+            self._end(cfg.mode, status, started, state if status == 200 else None)
 
-    async def answer(self, req: ChatCompletionRequest) -> PromptState:
-        """Run the request's config through the method steps on the shared pools."""
-        cfg = request_config(self.cfg, req)
-        steps = build_steps(cfg, (await self.clients()).for_config(cfg))
-        state = PromptState(
-            id=uuid.uuid4().hex, messages=[Message(**m) for m in req.conversation()], mode=cfg.mode, config_hash=cfg.config_hash()
-        )
-        return await run_steps(steps, state, on_step=self.metrics.stage)
+    async def _stream(self, completion: Completion, cfg: FescaleConfig, req: ChatCompletionRequest, deadline: float, include_usage: bool, started: float):
+        status, state = 499, self._state(cfg, req)
+        try:
+            yield completion.opening()
+            streamed = 0
+            async for event in self._steps(cfg, state, deadline, text=True):
+                if isinstance(event, str):  # the answer's tokens, as generated (greedy)
+                    streamed += len(event)
+                    yield completion.delta(event)
+                else:
+                    yield Completion.progress(*event)
+            for event in completion.closing(state, include_usage, streamed):
+                yield event
+            status = 200
+        except Exception as e:
+            response = _error(e)
+            status = response.status_code
+            for event in completion.failed(json.loads(response.body)):
+                yield event
+        finally:
+            self._end(cfg.mode, status, started, state if status == 200 else None)
+
+    @staticmethod
+    def _state(cfg: FescaleConfig, req: ChatCompletionRequest) -> PromptState:
+        messages = [Message(**m) for m in req.conversation()]
+        # A seeded request's id is its seed: the method's own random choices are keyed by it (`method.row_rng`).
+        row_id = uuid.uuid4().hex if req.seed is None else f"seed-{req.seed}"
+        return PromptState(id=row_id, messages=messages, mode=cfg.mode, config_hash=cfg.config_hash())
+
+    async def _steps(self, cfg: FescaleConfig, state: PromptState, deadline: float, text: bool = False):
+        """Run the request's config through the method steps on the shared pools, yielding (step,
+        seconds) as each finishes, and with `text` the answer's deltas of a greedy request
+        (`engine.steps.each_step`). Each event is awaited with what is left of the deadline: when it
+        runs out, the step's task is cancelled, and with it the model calls it was waiting for."""
+        steps = each_step(build_steps(cfg, (await self.clients()).for_config(cfg)), state, text)
+        loop = asyncio.get_running_loop()
+        end = loop.time() + deadline
+        while True:
+            try:
+                event = await asyncio.wait_for(anext(steps), end - loop.time())
+            except StopAsyncIteration:
+                return
+            except (BackendError, RayActorError):
+                # A pool is gone (out of restarts, or the pools deployment died and Serve started a
+                # new one with new pools): the next request asks the pools deployment for its clients.
+                self._clients = None
+                raise
+            except TimeoutError:
+                raise DeadlineError(
+                    f"no answer within the request's deadline of {deadline:g}s (fescale.deadline_s, default serve.deadline_s); "
+                    "its model calls were cancelled"
+                ) from None
+            if not isinstance(event, str):
+                self.metrics.stage(*event)
+            yield event
+
+    def _begin(self) -> None:
+        self.ongoing += 1
+        self.metrics.ongoing.set(self.ongoing)
+
+    def _end(self, mode: str, status: int, started: float, state: PromptState | None) -> None:
+        self.ongoing -= 1
+        self.metrics.ongoing.set(self.ongoing)
+        self.metrics.finished(mode, status, time.perf_counter() - started, state)
 
 
 def fescale_app(cfg: FescaleConfig) -> serve.Application:

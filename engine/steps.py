@@ -9,15 +9,18 @@ many prompts at once (the pools batch the calls); the Serve app runs the same st
 from __future__ import annotations
 
 import abc
+import dataclasses
+import logging
 import time
 from collections import Counter
-from typing import Callable
+from typing import AsyncIterator, Callable
 
-from actors.backend import ChatRequest, ClassifyRequest, ModelClient, NextTokenRequest, Sampling
+from actors.backend import ChatRequest, ChatResult, ClassifyRequest, ModelClient, NextTokenRequest, Sampling
 from engine import method
 from engine.config import EditConfig, FeedbackConfig, FescaleConfig, GenerateConfig, SelectConfig
 from engine.rows import Candidate, Edit, Feedback, PromptState, Selected
 
+log = logging.getLogger("fescale")
 LEVEL_CHOICES = tuple(f" {level}" for level in method.LEVELS)
 
 
@@ -33,15 +36,50 @@ class Generate(Step):
 
     name = "generate"
 
-    def __init__(self, cfg: GenerateConfig, client: ModelClient):
-        self.cfg, self.client = cfg, client
+    def __init__(self, cfg: GenerateConfig, client: ModelClient, sampling_seed: int | None = None, is_answer: bool = False):
+        """`is_answer`: the mode's answer is this step's one response (greedy), so it can be streamed."""
+        self.cfg, self.client, self.sampling_seed, self.is_answer = cfg, client, sampling_seed, is_answer
 
-    async def run(self, state: PromptState) -> None:
+    def _request(self, state: PromptState) -> ChatRequest:
         n = self.cfg.num_responses
-        sampling = Sampling(n, self.cfg.temperature_for(n), self.cfg.top_p, self.cfg.max_tokens)
-        [result] = await self.client.chat([ChatRequest(tuple(state.conversation()), sampling)])
+        sampling = Sampling(n, self.cfg.temperature_for(n), self.cfg.top_p, self.cfg.max_tokens, tuple(self.cfg.stop), call_seed(self.sampling_seed, self.name))
+        return ChatRequest(tuple(state.conversation()), sampling)
+
+    def _record(self, state: PromptState, result: ChatResult) -> None:
         state.candidates = [Candidate(text=c.text, finish_reason=c.finish_reason) for c in result.completions]
         state.usage_of(self.name).add(result.prompt_tokens, result.completion_tokens)
+
+    async def run(self, state: PromptState) -> None:
+        [result] = await self.client.chat([self._request(state)])
+        self._record(state, result)
+
+    async def stream(self, state: PromptState) -> AsyncIterator[str]:
+        """`run` for the answer (`is_answer`), yielding its text as the model generates it.
+
+        With stop strings, text is held back until it cannot be the start of one: a stop string can
+        only end the answer in the last delta, so all but the last delta, less the longest stop
+        string's length - 1, is safe to send. The result's text is the authority for the rest."""
+        hold = max((len(s) for s in self.cfg.stop), default=1) - 1
+        raw, sent = "", ""
+        async for item in self.client.chat_stream(self._request(state)):
+            if isinstance(item, str):
+                if not self.cfg.stop:
+                    sent += item
+                    yield item
+                    continue
+                if len(raw) - hold > len(sent):  # `raw`: the text before this delta
+                    piece = raw[len(sent) : len(raw) - hold]
+                    sent += piece
+                    yield piece
+                raw += item
+                continue
+            final = item.completions[0].text
+            if final.startswith(sent):
+                if final[len(sent) :]:
+                    yield final[len(sent) :]
+            else:  # a backend whose deltas disagree with its result: the client already has its text
+                log.warning("generate: streamed text differs from the final text (%d vs %d chars)", len(sent), len(final))
+            self._record(state, item)
 
 
 class FeedbackStep(Step):
@@ -49,8 +87,8 @@ class FeedbackStep(Step):
 
     name = "feedback"
 
-    def __init__(self, cfg: FeedbackConfig, client: ModelClient, seed: int):
-        self.cfg, self.client, self.seed = cfg, client, seed
+    def __init__(self, cfg: FeedbackConfig, client: ModelClient, seed: int, sampling_seed: int | None = None):
+        self.cfg, self.client, self.seed, self.sampling_seed = cfg, client, seed, sampling_seed
 
     async def run(self, state: PromptState) -> None:
         usage = state.usage_of(self.name)
@@ -58,7 +96,11 @@ class FeedbackStep(Step):
         if self.cfg.guided_level:
             jobs = await self._guided_jobs(state, convs)
         else:
-            jobs = [(i, "", ChatRequest(conv, self._sampling(item.count, item.temperature))) for i, conv in enumerate(convs) for item in self.cfg.plan]
+            jobs = [
+                (i, "", ChatRequest(conv, self._sampling(item.count, item.temperature, i, j)))
+                for i, conv in enumerate(convs)
+                for j, item in enumerate(self.cfg.plan)
+            ]
         results = await self.client.chat([request for *_, request in jobs])
         for (i, prefix, _), result in zip(jobs, results):
             usage.add(result.prompt_tokens, result.completion_tokens)
@@ -80,11 +122,12 @@ class FeedbackStep(Step):
                 for level in method.LEVELS:
                     if counts[level]:
                         prefix = f"{method.LEVEL_PREFIX} {level} helpful."
-                        jobs.append((i, prefix, ChatRequest(conv, self._sampling(counts[level], item.temperature), prefix=prefix)))
+                        jobs.append((i, prefix, ChatRequest(conv, self._sampling(counts[level], item.temperature, i, j, level), prefix=prefix)))
         return jobs
 
-    def _sampling(self, n: int, temperature: float) -> Sampling:
-        return Sampling(n, temperature, self.cfg.top_p, self.cfg.max_tokens)
+    def _sampling(self, n: int, temperature: float, *call: object) -> Sampling:
+        """No stop strings: feedback is never the answer, and a cut one would lose its explanation."""
+        return Sampling(n, temperature, self.cfg.top_p, self.cfg.max_tokens, seed=call_seed(self.sampling_seed, self.name, *call))
 
 
 class FilterStep(Step):
@@ -109,24 +152,28 @@ class EditStep(Step):
 
     name = "edit"
 
-    def __init__(self, cfg: EditConfig, client: ModelClient, with_feedback: bool):
-        self.cfg, self.client, self.with_feedback = cfg, client, with_feedback
+    def __init__(self, cfg: EditConfig, client: ModelClient, with_feedback: bool, sampling_seed: int | None = None):
+        self.cfg, self.client, self.with_feedback, self.sampling_seed = cfg, client, with_feedback, sampling_seed
 
     async def run(self, state: PromptState) -> None:
         k = self.cfg.edits_per_set
-        sampling = Sampling(k, self.cfg.temperature_for(k), self.cfg.top_p, self.cfg.max_tokens)
+        base = Sampling(k, self.cfg.temperature_for(k), self.cfg.top_p, self.cfg.max_tokens, tuple(self.cfg.stop))
+
+        def sampling(i: int, j: int | None) -> Sampling:
+            return dataclasses.replace(base, seed=call_seed(self.sampling_seed, self.name, i, j))
+
         messages = state.conversation()
         jobs: list[tuple[int, int | None, ChatRequest]] = []
         for i, cand in enumerate(state.candidates):
             if not self.with_feedback:
                 conv = method.with_response(messages, cand.text, self.cfg.without_feedback_template)
-                jobs.append((i, None, ChatRequest(tuple(conv), sampling)))
+                jobs.append((i, None, ChatRequest(tuple(conv), sampling(i, None))))
                 continue
             for j, feedback_set in enumerate(cand.feedback_sets):
                 instruction = method.edit_instruction(
                     [cand.feedback[f].text for f in feedback_set], self.cfg.template, self.cfg.joiner, self.cfg.filler
                 )
-                jobs.append((i, j, ChatRequest(tuple(method.with_response(messages, cand.text, instruction)), sampling)))
+                jobs.append((i, j, ChatRequest(tuple(method.with_response(messages, cand.text, instruction)), sampling(i, j))))
         results = await self.client.chat([request for *_, request in jobs])
         for (i, j, _), result in zip(jobs, results):
             state.usage_of(self.name).add(result.prompt_tokens, result.completion_tokens)
@@ -152,7 +199,7 @@ class SelectStep(Step):
             for e in ([*range(len(cand.edits)), *([None] if self.cfg.include_originals else [])] if cand.edits else [None])
         ]
         texts = [state.candidates[i].text if e is None else state.candidates[i].edits[e].text for i, e in pool]
-        scores: list[float | None] = [None] if len(pool) == 1 else await self._score(state, texts)
+        scores: list[float | None] = [None] if len(pool) == 1 else await self.score(state, texts)
         for (i, e), score in zip(pool, scores):
             target = state.candidates[i] if e is None else state.candidates[i].edits[e]
             target.score = score
@@ -162,7 +209,8 @@ class SelectStep(Step):
         state.selected = Selected(response=i, feedback_set=edit.feedback_set if edit else None, edit=e, score=scores[best])
         state.final = texts[best]
 
-    async def _score(self, state: PromptState, texts: list[str]) -> list[float]:
+    async def score(self, state: PromptState, texts: list[str]) -> list[float]:
+        """Each text's reward as the answer to `state`'s conversation (also `fescale score`'s, one text a row)."""
         usage = state.usage_of(self.name)
         messages = state.conversation()
         if self.cfg.scorer == "generative":
@@ -201,28 +249,46 @@ class SelectStep(Step):
         return survived
 
 
+def call_seed(sampling_seed: int | None, *call: object) -> int | None:
+    """The seed of one sampling call of a seeded request, from the request's seed and the call's place
+    in the method (step, response, feedback set): reproducible, and no two calls share their draws."""
+    return None if sampling_seed is None else method.row_rng(sampling_seed, *call).getrandbits(31)
+
+
 def build_steps(cfg: FescaleConfig, client_for: Callable[[str], ModelClient]) -> list[Step]:
     """The ordered steps of the config's mode (generate -> feedback -> filter -> edit -> select)."""
     spec = cfg.spec
-    steps: list[Step] = [Generate(cfg.generate, client_for("generator"))]
+    seed = cfg.sampling_seed
+    is_answer = not spec.feedback and spec.edit == "none" and cfg.generate.num_responses == 1
+    steps: list[Step] = [Generate(cfg.generate, client_for("generator"), seed, is_answer)]
     if spec.feedback:
-        steps += [FeedbackStep(cfg.feedback, client_for("feedback"), cfg.seed), FilterStep(cfg.feedback, cfg.seed)]
+        steps += [FeedbackStep(cfg.feedback, client_for("feedback"), cfg.seed, seed), FilterStep(cfg.feedback, cfg.seed)]
     if spec.edit != "none":
-        steps.append(EditStep(cfg.edit, client_for("editor"), with_feedback=spec.edit == "with_feedback"))
+        steps.append(EditStep(cfg.edit, client_for("editor"), with_feedback=spec.edit == "with_feedback", sampling_seed=seed))
     steps.append(SelectStep(cfg.select, client_for("reward") if spec.select else None))
     return steps
+
+
+async def each_step(steps: list[Step], state: PromptState, text: bool = False) -> AsyncIterator[str | tuple[str, float]]:
+    """Run one prompt through all steps, yielding (step name, wall seconds) after each: the Serve app
+    streams its progress from here (the pipeline's stage actor runs its own loop). With `text`, a
+    mode whose answer is its one generated response (greedy) also yields the answer's text deltas
+    (`str`) as they are generated."""
+    for step in steps:
+        started = time.perf_counter()
+        if text and isinstance(step, Generate) and step.is_answer:
+            async for delta in step.stream(state):
+                yield delta
+        else:
+            await step.run(state)
+        yield step.name, time.perf_counter() - started
 
 
 async def run_steps(
     steps: list[Step], state: PromptState, on_step: Callable[[str, float], None] | None = None
 ) -> PromptState:
-    """Run one prompt through all steps (the Serve app's path; the pipeline's stage actor runs its own loop).
-
-    `on_step(name, seconds)` hears each step's wall time (the Serve app's per-stage latency metric).
-    """
-    for step in steps:
-        started = time.perf_counter()
-        await step.run(state)
+    """Run one prompt through all steps; `on_step(name, seconds)` hears each step's wall time."""
+    async for name, seconds in each_step(steps, state):
         if on_step:
-            on_step(step.name, time.perf_counter() - started)
+            on_step(name, seconds)
     return state

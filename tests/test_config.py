@@ -73,6 +73,15 @@ def test_defaults_are_the_papers():
         (["serve.allow_unauthenticated=maybe"], "`serve.allow_unauthenticated`"),
         (["serve.openapi=[1]"], "`serve.openapi`"),
         (["serve.api_keys=['**********']"], "the mask of a printed config"),
+        # stop strings, a sampling seed the engine cannot honour, model presets: refused at load, by name
+        (["generate.stop=[a, b, c, d, e]"], "`generate.stop`"),
+        (["edit.stop=['']"], "`edit.stop.0`"),
+        (["sampling_seed=3", "roles.generator.backend=vllm"], "sampling_seed (a request's `seed`) cannot be honoured by roles.generator (vllm on CPU"),
+        (["serve.model_presets={fescale-x: {retries: 3}}"], "model_presets.fescale-x.retries: unknown knob; valid: mode, num_responses"),
+        (["serve.model_presets={fescale-x: {num_responses: 0}}"], "model_presets.fescale-x.num_responses: Input should be greater than 0"),
+        (["serve.model_presets={fescale-x: greedy}"], "model_presets.fescale-x"),
+        (["serve.model_presets={fescale-x: {mode: greedy}}", "serve.modes=[feedback_edit]"], "model_presets.fescale-x.mode: 'greedy' is not in serve.modes"),
+        (["serve.model_presets={fescale: {mode: greedy}}"], "'fescale' is not a new model id"),
     ],
 )
 def test_bad_values_name_the_key(overrides, needle):

@@ -90,9 +90,9 @@ def test_concurrent_calls_share_one_batch(backend, monkeypatch):
     calls = []
     original = backend._generate
 
-    def counting(batch, temperature, top_p):
+    def counting(batch, *sampling):
         calls.append(len(batch))
-        return original(batch, temperature, top_p)
+        return original(batch, *sampling)
 
     monkeypatch.setattr(backend, "_generate", counting)
 
@@ -148,3 +148,94 @@ def test_a_healthy_batch_runs_once(backend, monkeypatch):
     sizes = poisoned(backend, monkeypatch, lambda batch: False)
     run(concurrently(backend, [[Q], [LONG_Q], [Q, Q]]))
     assert sizes == [4]
+
+
+def test_a_caller_cancelled_while_queued_is_dropped_before_any_work(backend, monkeypatch):
+    """Two callers queue behind a running batch; one is cancelled (its client left): only the other runs."""
+    ran = []
+    original = backend._run_chat
+
+    def run_chat(requests):
+        ran.append([r.messages[0]["content"] for r in requests])
+        return original(requests)
+
+    monkeypatch.setattr(backend, "_run_chat", run_chat)
+
+    async def scenario():
+        first = asyncio.ensure_future(backend.chat([ChatRequest(Q, TINY)]))
+        await asyncio.sleep(0.1)  # `first`'s batch is running (or about to): the next two queue
+        gone = asyncio.ensure_future(backend.chat([ChatRequest(POISON, TINY)]))
+        kept = asyncio.ensure_future(backend.chat([ChatRequest(LONG_Q, TINY)]))
+        await asyncio.sleep(0)
+        gone.cancel()
+        return await first, await kept, gone.cancelled()
+
+    first, kept, cancelled = run(scenario())
+    assert cancelled and len(first[0].completions) == 1 and len(kept[0].completions) == 1
+    assert "POISON" not in str(ran)  # never tokenized, never generated
+
+
+def test_generate_stops_at_once_for_rows_whose_caller_is_gone(backend):
+    """`_Gone` ends a cancelled caller's rows at the first decode step; a live caller's row runs on."""
+
+    async def futures():
+        loop = asyncio.get_running_loop()
+        gone, live = loop.create_future(), loop.create_future()
+        gone.cancel()
+        return gone, live
+
+    gone, live = run(futures())
+    ids = backend.fmt.prompt_ids(LONG_Q)
+    backend._owners = [gone, live]
+    stopped, running = backend._generate([(0, 0, ids, 40), (1, 0, ids, 40)], 0.0, 1.0)
+    backend._owners = [gone]
+    [alone] = backend._generate([(0, 0, ids, 40)], 0.0, 1.0)
+    backend._owners = [live]
+    [full] = backend._generate([(0, 0, ids, 40)], 0.0, 1.0)
+
+    def generated(c):
+        return len(backend.tokenizer.encode(c.text, add_special_tokens=False))
+
+    assert generated(stopped) <= 1 and generated(alone) <= 1  # the first decode step's token at most
+    assert full.text == running.text and len(full.text) > 10 * max(len(alone.text), len(stopped.text))
+
+
+def test_a_stop_string_ends_the_completion_before_it(backend):
+    """The tiny model's greedy answer is newlines: a stop string of two ends it at once; a seeded sample
+    (varied text, reproducible) cut in its middle keeps exactly the text before the stop string."""
+    [greedy] = run(backend.chat([ChatRequest(Q, Sampling(max_tokens=12, stop=("\n\n",)))]))
+    assert greedy.completions[0].text == "" and greedy.completions[0].finish_reason == "stop" and greedy.completions[0].tokens < 12
+
+    seeded = Sampling(n=2, temperature=1.0, max_tokens=20, seed=7)
+    [full] = run(backend.chat([ChatRequest(Q, seeded)]))
+    text = full.completions[0].text
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    [cut] = run(backend.chat([ChatRequest(Q, Sampling(n=2, temperature=1.0, max_tokens=20, seed=7, stop=(stop, "never seen")))]))
+    first = cut.completions[0]
+    assert first.text == text[: text.index(stop)] and first.finish_reason == "stop" and first.tokens < full.completions[0].tokens
+    assert stop not in cut.completions[1].text
+
+
+def test_a_seed_fixes_the_samples_whatever_else_is_batched(backend):
+    seeded = ChatRequest(Q, Sampling(n=2, temperature=1.0, max_tokens=10, seed=11))
+    [alone] = run(backend.chat([seeded]))
+    together = run(backend.chat([ChatRequest(LONG_Q, Sampling(n=3, temperature=1.0, max_tokens=10)), seeded]))
+    [other_seed] = run(backend.chat([ChatRequest(Q, Sampling(n=2, temperature=1.0, max_tokens=10, seed=12))]))
+    assert together[1].completions == alone.completions
+    assert alone.completions[0].text != alone.completions[1].text  # the n samples still differ
+    assert other_seed.completions != alone.completions
+
+
+def test_chat_stream_yields_the_text_as_generated_then_the_result(backend):
+    """A seeded sample (varied words, reproducible): the deltas are several and add up to the text of
+    the same request asked without streaming; the last item is the result."""
+    request = ChatRequest(Q, Sampling(n=1, temperature=1.0, max_tokens=30, seed=5))
+    [plain] = run(backend.chat([request]))
+
+    async def collect():
+        return [item async for item in backend.chat_stream(request)]
+
+    items = run(collect())
+    *deltas, result = items
+    assert len(deltas) > 1 and all(isinstance(d, str) for d in deltas)
+    assert "".join(deltas) == result.completions[0].text == plain.completions[0].text

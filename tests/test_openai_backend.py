@@ -197,3 +197,16 @@ def test_pipeline_with_every_role_on_an_openai_endpoint(ray_session, vllm_server
     rows = [json.loads(line) for line in open(tmp_path / "out.jsonl")]
     assert sorted(r["id"] for r in rows) == ["p0", "p1"] and all(r["final"] for r in rows)
     assert summary.feedback == 8 and summary.tokens["generate"]["completion_tokens"] > 0
+
+
+def test_stop_and_seed_are_sent_only_when_asked():
+    server = scripted([])
+    try:
+        backend = OpenAIBackend(spec(server.url))
+        asyncio.run(backend.chat([ChatRequest(Q, Sampling(max_tokens=4, stop=("5", "\n\n"), seed=3))]))
+        chat(backend)
+        asked, plain = server.requests
+        assert (asked["stop"], asked["seed"]) == (["5", "\n\n"], 3)
+        assert "stop" not in plain and "seed" not in plain  # an endpoint that takes neither still works unasked
+    finally:
+        server.close()

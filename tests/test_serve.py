@@ -61,6 +61,7 @@ def server(ray_session, embedded_dir):
             "max_request_bytes": 65536,
             "max_messages": 64,
             "caps": {"max_responses": 4, "max_feedback_samples": 4, "max_feedback_per_request": 8, "max_model_calls": 40},
+            "model_presets": {"fescale-greedy": {"mode": "greedy"}},
         },
     )
     yield run_app(cfg)
@@ -87,7 +88,7 @@ def chat(server: str, body: dict, headers: dict | None = None) -> httpx.Response
 
 def test_openai_client_gets_answers_streaming_and_not(server):
     client = openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0, timeout=300)
-    assert [m.id for m in client.models.list()] == ["fescale"]
+    assert [m.id for m in client.models.list()] == ["fescale", "fescale-greedy"]
 
     greedy = dict(model="fescale", messages=HI, extra_body={"fescale": {"mode": "greedy"}})
     answer = client.chat.completions.create(**greedy)
@@ -166,6 +167,33 @@ def test_knobs_change_the_amount_of_work_visible_in_usage_and_trace(server):
         ({"messages": HI * 65}, 400, r"65 messages; this server takes at most 64 \(serve.max_messages\)"),
         ({"messages": [{"role": "user", "content": "x" * 70_000}]}, 413, r"at most 65536 \(serve.max_request_bytes\)"),
         ({"messages": HI, "fescale": {"num_responses": 4, "feedback_samples": 2, "edits_per_set": 4}}, 400, r"model calls .*=48 exceeds this server's cap serve\.caps\.max_model_calls=40"),
+        (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', 400, "NaN is not a JSON number"),
+        (b'{"messages": [{"role": "user", "content": "hi"}], "fescale": {"deadline_s": -Infinity}}', 400, "-Infinity is not a JSON number"),
+        ({"messages": HI, "fescale": {"deadline_s": 0}}, 400, "fescale.deadline_s: Input should be greater than 0"),
+        ({"messages": HI, "fescale": {"deadline_s": -5}}, 400, "fescale.deadline_s"),
+        ({"messages": HI, "fescale": {"deadline_s": "soon"}}, 400, "fescale.deadline_s"),
+        ({"messages": HI, "fescale": {"deadline_s": 1e300}}, 400, r"deadline_s=1e\+300 exceeds this server's cap serve\.caps\.max_deadline_s=3600"),
+        # OpenAI parameters fescale cannot honour: refused by name, never silently ignored
+        ({"messages": HI, "response_format": {"type": "json_object"}}, 400, r'response_format=\{"type": "json_object"\} is not supported'),
+        ({"messages": HI, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}}, 400, r"response_format=.*\.\.\. is not supported"),
+        ({"messages": HI, "response_format": "json"}, 400, "response_format=\"json\" is not supported"),
+        ({"messages": HI, "logprobs": True}, 400, "logprobs=true is not supported"),
+        ({"messages": HI, "top_logprobs": 20}, 400, "top_logprobs=20 is not supported"),
+        ({"messages": HI, "logit_bias": {"1": 100}}, 400, "logit_bias=.* is not supported"),
+        ({"messages": HI, "tool_choice": "required"}, 400, "tool_choice=.* tool calling is not supported"),
+        ({"messages": HI, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools=.* tool calling is not supported"),
+        ({"messages": HI, "presence_penalty": 2}, 400, "presence_penalty=2 is not supported"),
+        ({"messages": HI, "frequency_penalty": 1e308}, 400, "frequency_penalty=1e\\+308 is not supported"),
+        ({"messages": HI, "frequency_penalty": "0"}, 400, 'frequency_penalty="0" is not supported'),
+        ({"messages": HI, "logit_bias": {"a": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[["x"]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]}}, 400, "nested deeper than 32 levels"),
+        ({"messages": HI, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop: must be a string or a list of up to 4 strings"),
+        ({"messages": HI, "stop": ""}, 400, "stop: must be"),
+        ({"messages": HI, "stop": 5}, 400, "stop: must be"),
+        ({"messages": HI, "stop": {"text": "5"}}, 400, "stop: must be"),
+        ({"messages": HI, "stop": ["x" * 10_000]}, 400, "stop: .*each of 1 to 256 characters"),
+        ({"messages": HI, "seed": 1.5}, 400, "seed: Input should be a valid integer"),
+        ({"messages": HI, "seed": -1}, 400, "seed: Input should be greater than or equal to 0"),
+        ({"model": "fescale-best-of-99", "messages": HI}, 404, "this server serves 'fescale', 'fescale-greedy'"),
     ],
 )
 def test_bad_input_gets_a_4xx_in_openai_error_shape(server, body, status, pattern):
@@ -176,6 +204,64 @@ def test_bad_input_gets_a_4xx_in_openai_error_shape(server, body, status, patter
     assert r.status_code == status, r.text
     error = r.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and re.search(pattern, error["message"]), error
+
+
+COUNT = [{"role": "user", "content": "Count from 1 to 1000, one number per line."}]
+# Four responses of 900 tokens each before any feedback: many seconds of decoding on 2 CPU threads,
+# so the request is still in its first model call when its client leaves or its deadline passes.
+LONG = {"messages": COUNT, "max_tokens": 900, "fescale": {"num_responses": 4, "feedback_samples": 2}}
+
+
+def cancelled(server: str) -> int:
+    return httpx.get(f"{server}/health", headers=AUTH, timeout=30).json()["pools"]["hf:embedded"]["cancelled"]
+
+
+def wait_cancelled(server: str, more_than: int, timeout: float = 60) -> None:
+    """Until the generator's replica reports a stopped call beyond `more_than` (it comes right after
+    the client's cancel; the wait is only for the replica's answer to get there)."""
+    deadline = time.monotonic() + timeout
+    while cancelled(server) <= more_than:
+        assert time.monotonic() < deadline, "the model replica never stopped the abandoned request's call"
+        time.sleep(0.2)
+
+
+def test_a_request_past_its_deadline_gets_504_and_its_model_calls_stop(server):
+    before = cancelled(server)
+    r = chat(server, {**LONG, "fescale": {**LONG["fescale"], "deadline_s": 1}})
+    assert r.status_code == 504, r.text
+    error = r.json()["error"]
+    assert error["code"] == "deadline_exceeded" and "deadline of 1s" in error["message"] and "cancelled" in error["message"]
+    wait_cancelled(server, before)
+    assert chat(server, {"messages": HI, "fescale": {"mode": "greedy"}}).status_code == 200
+
+
+def test_a_client_that_disconnects_stops_its_model_calls(server):
+    """The scenario of the issue: a client gives up; the replica must not go on decoding for nobody."""
+    before = cancelled(server)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server}/v1/chat/completions", json=LONG, headers=AUTH, timeout=1.5)
+    wait_cancelled(server, before)
+
+
+def test_a_stream_opens_at_once_reports_each_step_and_ends_with_an_error_event_past_its_deadline(server):
+    def events(body: dict) -> list[str]:
+        with httpx.stream("POST", f"{server}/v1/chat/completions", json={**body, "stream": True}, headers=AUTH, timeout=120) as r:
+            assert r.status_code == 200
+            return [line for line in r.iter_lines() if line]
+
+    lines = events({"messages": HI, "fescale": {"num_responses": 1, "feedback_samples": 2}})
+    assert json.loads(lines[0].removeprefix("data: "))["choices"][0]["delta"]["role"] == "assistant"
+    progress = [line for line in lines if line.startswith(":")]
+    assert [p.split()[2] for p in progress] == ["generate", "feedback", "filter", "edit", "select"], progress
+    assert lines.index(progress[-1]) < next(i for i, line in enumerate(lines) if '"content": "' in line and '"content": ""' not in line)
+    assert lines[-1] == "data: [DONE]"
+
+    greedy = events({"messages": HI, "max_tokens": 24, "fescale": {"mode": "greedy"}})  # tokens as generated
+    generated = greedy.index(next(line for line in greedy if line.startswith(": fescale generate")))
+    assert sum('"content": "' in line and '"content": ""' not in line for line in greedy[:generated]) > 1, greedy
+
+    late = events({**LONG, "fescale": {**LONG["fescale"], "deadline_s": 1}})
+    assert json.loads(late[-2].removeprefix("data: "))["error"]["code"] == "deadline_exceeded" and late[-1] == "data: [DONE]"
 
 
 def test_auth_missing_or_wrong_key_is_401(server):
@@ -274,3 +360,40 @@ def test_an_ingress_replica_killed_mid_request_fails_that_request_and_serve_repl
     assert answer.status_code >= 500  # that request is lost with its replica; clients retry 5xx
     wait_healthy(server)
     assert chat(server, {"messages": HI, "fescale": {"mode": "greedy"}}).status_code == 200  # a new replica serves
+
+
+def test_when_serve_restarts_the_pools_deployment_the_ingress_follows_its_new_pools(server):
+    """The pools deployment's process dies (its model replicas die with it); Serve starts a new one,
+    which starts new pools. The ingress drops the clients of the dead pools at the first failure and
+    asks the new deployment: the server is back without a restart of its own."""
+    import psutil
+
+    [pools] = [p for p in psutil.process_iter(["cmdline"]) if "FescalePools" in " ".join(p.info["cmdline"] or [])]
+    pools.kill()
+    statuses, deadline = [], time.monotonic() + 300
+    while not statuses or statuses[-1] != 200:
+        assert time.monotonic() < deadline, statuses
+        statuses.append(chat(server, {"messages": HI, "fescale": {"mode": "greedy"}}).status_code)
+        time.sleep(0.5)
+    assert set(statuses[:-1]) <= {500, 503}, statuses  # failed (never a hang) until the new pools were up
+    wait_healthy(server)
+
+
+def test_stop_cuts_the_answer_a_seed_fixes_it_and_a_model_preset_sets_the_knobs(server):
+    """The issue's report: `stop` was ignored. A piece of the embedded model's greedy answer, used as
+    the stop string, ends the answer right before it, with finish_reason stop. A seed fixes a sampled answer."""
+    full = chat(server, {"model": "fescale-greedy", "messages": HI, "max_tokens": 24, "fescale": {"return_trace": True}})
+    assert full.status_code == 200, full.text
+    body = full.json()
+    assert body["model"] == "fescale-greedy" and body["fescale"]["mode"] == "greedy"  # the preset's knobs
+    text = body["choices"][0]["message"]["content"]
+    stop = text[len(text) // 2 :].split()[0]
+    cut = chat(server, {"model": "fescale-greedy", "messages": HI, "max_tokens": 24, "stop": [stop, "never in it"]}).json()
+    assert cut["choices"][0]["message"]["content"] == text[: text.index(stop)] and cut["choices"][0]["finish_reason"] == "stop"
+    assert cut["usage"]["completion_tokens"] < body["usage"]["completion_tokens"]
+    own = chat(server, {"model": "fescale-greedy", "messages": HI, "fescale": {"mode": "best_of_n", "num_responses": 2, "return_trace": True}})
+    assert own.json()["fescale"]["mode"] == "best_of_n"  # the request's own knobs win over its preset's
+    headed = chat(server, {"messages": HI, "fescale": {"return_trace": True}}, {**AUTH, "X-Fescale-Mode": "greedy"})
+    assert headed.json()["fescale"]["mode"] == "greedy"  # knobs as headers, for clients without extra body fields
+    sampled = [chat(server, {"model": "fescale-greedy", "messages": HI, "temperature": 1.0, "max_tokens": 16, "seed": seed}).json() for seed in (3, 3, 4)]
+    assert sampled[0]["choices"] == sampled[1]["choices"] != sampled[2]["choices"]

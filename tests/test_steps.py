@@ -192,3 +192,45 @@ def test_every_mode_runs_its_steps(hf, mode):
     s = run(run_steps(steps, state()))
     assert s.final is not None and len(s.candidates) == n
     assert set(s.usage) == set(expected) - {"filter"} - ({"select"} if mode == "greedy" else set())
+
+
+def test_stop_reaches_the_answering_steps_and_a_seed_gives_each_call_its_own(hf):
+    """`stop` ends responses and edits, never feedback; a request's `sampling_seed` becomes a distinct,
+    reproducible seed per call (two calls never share their draws), and no seed leaves the backend's."""
+    cfg = make_config("unused", mode="self_feedback_self_edit", sampling_seed=5, generate={"num_responses": 2, "stop": ["\n\n"], "max_tokens": 4},
+                      feedback={"plan": "1@0.7", "max_tokens": 4}, edit={"stop": ["\n\n"], "max_tokens": 4})
+
+    def sent(c):
+        rec = Recorder(hf)
+        run(run_steps(build_steps(c, lambda role: rec), state()))
+        return [r.sampling for r in rec.requests["chat"]]
+
+    samplings = sent(cfg)
+    generate, feedback, edits = samplings[0], samplings[1:3], samplings[3:]
+    assert generate.stop == ("\n\n",) and all(s.stop == ("\n\n",) for s in edits) and all(s.stop == () for s in feedback)
+    seeds = [s.seed for s in samplings]
+    assert None not in seeds and len(set(seeds)) == len(seeds) and sent(cfg) == samplings
+    assert {s.seed for s in sent(make_config("unused", mode="self_feedback_self_edit", feedback={"plan": "1@0.7", "max_tokens": 4}))} == {None}
+
+
+def test_a_streamed_answer_never_sends_a_stop_string_and_adds_up_to_the_final_text(hf):
+    """Generate.stream (a greedy mode's answer) holds text back until it cannot start a stop string;
+    the pieces add up to the final, cut text. A seeded sample gives varied text to cut in its middle."""
+    base = make_config("unused", mode="greedy", generate={"max_tokens": 30, "temperature": 1.0}, seed=3)
+    cfg = base.model_copy(update={"sampling_seed": 9})
+    [plain] = build_steps(cfg, lambda role: hf)[:1]
+    state = PromptState(id="s", messages=[Message(role="user", content="What is 2 + 2?")], mode="greedy", config_hash="x")
+    asyncio.run(plain.run(state))
+    text = state.candidates[0].text
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    stopping = cfg.model_copy(update={"generate": cfg.generate.model_copy(update={"stop": [stop]})})
+    [step, _] = build_steps(stopping, lambda role: hf)
+    assert step.is_answer
+    cut = PromptState(id="s", messages=state.messages, mode="greedy", config_hash="x")
+
+    async def pieces():
+        return [p async for p in step.stream(cut)]
+
+    sent = asyncio.run(pieces())
+    assert len(sent) > 1 and stop not in "".join(sent)
+    assert "".join(sent) == cut.candidates[0].text == text[: text.index(stop)]

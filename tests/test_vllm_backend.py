@@ -48,6 +48,14 @@ def test_vllm_pool_runs_the_pipeline_and_matches_hf_scores(ray_session, embedded
         assert vllm_scores.prompt_tokens == hf_scores.prompt_tokens
         assert vllm_scores.scores == pytest.approx(hf_scores.scores, abs=0.05)
 
+        async def streamed(request):  # through the pool: the replica's Ray streaming generator
+            return [item async for item in client.chat_stream(request)]
+
+        greedy = ChatRequest(Q, Sampling(max_tokens=24))
+        *deltas, result = asyncio.run(streamed(greedy))
+        [plain] = asyncio.run(client.chat([greedy]))
+        assert len(deltas) > 1 and "".join(deltas) == result.completions[0].text == plain.completions[0].text
+
         with pytest.raises(RequestError, match="model's context is 1024"):
             asyncio.run(client.chat([ChatRequest(({"role": "user", "content": "word " * 1100},), Sampling(max_tokens=4))]))
 
