@@ -6,7 +6,10 @@ all stages:
 - DeepSpeed (ZeRO stage from config; on CPU `torch_adam` and gloo, on GPU bf16) with gradient
   accumulation making up the global batch;
 - a deterministic order of items (seeded per epoch), so step s is the same items on every rerun and a
-  resumed run continues exactly where the checkpoint was taken;
+  resumed run continues exactly where the checkpoint was taken: the driver plans the steps
+  (`Recipe.schedule`) and gives each worker, as a Ray Data dataset, only its part of every step and
+  its share of the validation set (train/runner.py `shard_datasets`); a worker streams its `Shard`,
+  so its memory does not grow with the data set or the number of workers;
 - every `checkpoint_every` steps and at the end: a validation pass, then a Ray Train checkpoint holding
   `model/` (a plain Hugging Face folder the engine loads), `ds/` (DeepSpeed state to resume) and
   `state.json` (the step and the config's fingerprint, train/resume.py); Ray Train keeps the best by
@@ -23,28 +26,72 @@ import importlib
 import json
 import math
 import os
-import random
+import pickle
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Iterator, Protocol
 
 import ray.train
 import torch
 import torch.distributed as dist
 
+from actors.errors import FescaleError
 from train.config import TrainConfig
 from train.resume import fingerprint
+
+
+class Shard:
+    """This worker's rows of one Ray Data dataset the driver built (`shard_datasets` in train/runner.py).
+
+    Rows hold an item pickled (`item`), and in the train shard the `step` and `epoch` it belongs to.
+    Pickled because items are whatever a recipe prepared (ragged token lists, chat messages, tuple
+    keys): Arrow would hand lists back as numpy arrays and tuples as lists, and the Tasks' collate
+    and the RLOO prompts expect the values as built. Read in batches, never whole: what a worker holds
+    at once is one step or one micro-batch, not its share of the data set.
+    """
+
+    def __init__(self, iterator):
+        self.iterator = iterator  # a ray.data.DataIterator (re-iterable: every validation pass reads it again)
+
+    def batches(self, size: int) -> Iterator[list]:
+        for batch in self.iterator.iter_batches(batch_size=size, batch_format="numpy", prefetch_batches=1):
+            yield [pickle.loads(blob) for blob in batch["item"]]
+
+    def steps(self, start: int, per_worker: int) -> Iterator[tuple[int, int, list]]:
+        """(step, epoch, this worker's items) of every step after `start`, in order.
+
+        A resumed run (or a worker group Ray Train restarted) reads past the steps already taken: the
+        shard always starts at step 0, as Ray Train builds it anew for every worker group. Each step
+        number is checked, so a shard out of order stops the run instead of training on other items."""
+        expected = start
+        for batch in self.iterator.iter_batches(batch_size=per_worker, batch_format="numpy", prefetch_batches=1):
+            step = int(batch["step"][0])
+            if step < start:
+                continue
+            if step != expected or (batch["step"] != step).any() or len(batch["step"]) != per_worker:
+                raise FescaleError(f"training shard out of order: expected {per_worker} items of step {expected}, read steps {sorted(set(batch['step'].tolist()))}")
+            yield step, int(batch["epoch"][0]), [pickle.loads(blob) for blob in batch["item"]]
+            expected += 1
+
+
+def shard_name(split: str, rank: int) -> str:
+    """The dataset holding rank `rank`'s part of `split` ("train" or "validation")."""
+    return f"{split}_{rank}"
+
+
+def worker_shards() -> tuple[Shard, Shard]:
+    """(train, validation) shards of the calling Ray Train worker."""
+    rank = ray.train.get_context().get_world_rank()
+    return tuple(Shard(ray.train.get_dataset_shard(shard_name(split, rank))) for split in ("train", "validation"))
 
 
 class Task(Protocol):
     metric: str  # the validation metric checkpoints are ranked by
     mode: str  # "min" or "max"
+    train: Shard  # this worker's part of every step; the loop reads it
 
     def build_model(self) -> torch.nn.Module: ...
-
-    def steps(self, epoch_seed: int) -> list[list[Any]]:
-        """One epoch's items grouped into optimizer steps (each `items_per_step` items)."""
 
     def loss(self, engine, items: list[Any]) -> tuple[torch.Tensor, dict[str, float], int]:
         """(loss, metrics, tokens) of one micro-batch of items."""
@@ -56,10 +103,11 @@ class Task(Protocol):
 
 
 class TaskBase:
-    """What every stage's task shares: its config and data, the training dtype, this rank's
-    validation share, and no work after a step (RLOO overrides that to sync its rollout pool)."""
+    """What every stage's task shares: its config and this worker's shards (`train`, its part of every
+    step; `validation`, its share of the validation set, each item on exactly one worker), the
+    training dtype, and no work after a step (RLOO overrides that to sync its rollout pool)."""
 
-    def __init__(self, cfg: TrainConfig, train: list, validation: list, pad_id: int):
+    def __init__(self, cfg: TrainConfig, train: Shard, validation: Shard, pad_id: int):
         self.cfg, self.train, self.validation, self.pad_id = cfg, train, validation, pad_id
 
     @property
@@ -72,10 +120,6 @@ class TaskBase:
         (given at load, transformers checks the kernel is available before loading any weight)."""
         attn = self.cfg.attn_implementation
         return {"dtype": self.dtype, **({"attn_implementation": attn} if attn else {})}
-
-    def validation_share(self) -> list:
-        ctx = ray.train.get_context()
-        return self.validation[ctx.get_world_rank() :: ctx.get_world_size()]
 
     def after_step(self, engine, step: int) -> None:
         return None
@@ -154,11 +198,7 @@ def run(cfg: TrainConfig, task: Task, items_per_step: int, total_steps: int, tok
         log.write({"step": start}, total_steps, kind="resume")  # "resume step 4/10": continues after step 4
     per_worker = items_per_step // world
     micro = cfg.optim.micro_batch_size
-    epoch_steps: dict[int, list] = {}
-    step = start
-    while step < total_steps:
-        epoch, index = _position(step, task, epoch_steps, cfg.seed)
-        mine = epoch_steps[epoch][index][rank * per_worker : (rank + 1) * per_worker]
+    for index, epoch, mine in task.train.steps(start, per_worker):
         engine.train()
         lr = engine.get_lr()[0]  # the rate this step uses (warmup starts at 0, as in HF's schedules)
         tic, tokens, sums = time.perf_counter(), 0, {}
@@ -169,7 +209,7 @@ def run(cfg: TrainConfig, task: Task, items_per_step: int, total_steps: int, tok
             tokens += n
             for k, v in {"loss": float(loss.detach()), **metrics}.items():
                 sums[k] = sums.get(k, 0.0) + v
-        step += 1
+        step = index + 1
         task.after_step(engine, step)
         record = {k: _mean_over_ranks(v / (per_worker // micro)) for k, v in sums.items()}
         record.update(step=step, epoch=epoch, lr=lr, tokens_per_s=_sum_over_ranks(tokens) / (time.perf_counter() - tic))
@@ -180,18 +220,6 @@ def run(cfg: TrainConfig, task: Task, items_per_step: int, total_steps: int, tok
             log.write({"step": step, **metrics}, total_steps, kind="validation")
             _checkpoint(engine, tokenizer, rank, {"step": step, **metrics}, fingerprint(cfg))
     log.close()
-
-
-def _position(step: int, task: Task, cache: dict, seed: int) -> tuple[int, int]:
-    """(epoch, index in epoch) of a global step; an epoch's order is computed once, from its seed."""
-    epoch = 0
-    while True:
-        if epoch not in cache:
-            cache[epoch] = task.steps(seed + epoch)
-        if step < len(cache[epoch]):
-            return epoch, step
-        step -= len(cache[epoch])
-        epoch += 1
 
 
 def _resume(engine) -> int:
@@ -275,15 +303,3 @@ def _tensorboard(logdir: Path):
 
 def _fmt(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-
-def order(items: list, seed: int) -> list:
-    """A seeded permutation of items (the same in every process and on every rerun)."""
-    shuffled = list(items)
-    random.Random(seed).shuffle(shuffled)
-    return shuffled
-
-
-def chunk_steps(items: list, per_step: int) -> list[list]:
-    """Consecutive full steps of `per_step` items (a last partial step is left out, like drop_last)."""
-    return [items[i : i + per_step] for i in range(0, len(items) - per_step + 1, per_step)]

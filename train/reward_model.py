@@ -64,9 +64,6 @@ class RewardModelTask(TaskBase):
         model.config.pad_token_id = self.pad_id  # the head reads the last non-pad token
         return model
 
-    def steps(self, epoch_seed: int) -> list[list[dict]]:
-        return rm_steps(self.train, self.cfg.rm.tuples_per_step, epoch_seed)
-
     def _pairs(self, engine, items: list[dict]):
         names = ("good", "bad", "original")
         ids, mask = pad_right([it[name] for it in items for name in names], self.pad_id, engine.device)
@@ -84,10 +81,9 @@ class RewardModelTask(TaskBase):
     @torch.no_grad()
     def evaluate(self, engine) -> dict[str, tuple[float, float]]:
         engine.eval()
-        mine = self.validation_share()
         loss_sum = correct = pairs = 0.0
-        for i in range(0, len(mine), self.cfg.optim.micro_batch_size):
-            chosen, rejected, _ = self._pairs(engine, mine[i : i + self.cfg.optim.micro_batch_size])
+        for items in self.validation.batches(self.cfg.optim.micro_batch_size):
+            chosen, rejected, _ = self._pairs(engine, items)
             loss, accuracy = bradley_terry(chosen, rejected)
             loss_sum += float(loss) * len(chosen)
             correct += float(accuracy) * len(chosen)
@@ -103,9 +99,10 @@ class RewardModelRecipe(Recipe):
             for rows in sources.splits("edit_quality")
         )
 
-    def steps_per_epoch(self, cfg: TrainConfig, train: list) -> int:
-        """Fewer than len // tuples_per_step when a tuple's edits cannot all go to distinct steps."""
-        return len(rm_steps(train, self.items_per_step(cfg), cfg.seed))
+    def steps(self, cfg: TrainConfig, train: list, epoch_seed: int) -> list[list[dict]]:
+        """Steps of distinct tuples: fewer than len // tuples_per_step when a tuple's edits cannot all go
+        to distinct steps (and how many depends on the epoch's seed)."""
+        return rm_steps(train, self.items_per_step(cfg), epoch_seed)
 
 
 RECIPE = RewardModelRecipe("edit-rm", RewardModelTask, batch_key="rm.tuples_per_step")

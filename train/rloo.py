@@ -29,7 +29,7 @@ from actors.chat_format import ChatFormatter
 from actors.models import resolve_model
 from train import prepare
 from train.config import TrainConfig
-from train.loop import TaskBase, chunk_steps, order
+from train.loop import Shard, TaskBase
 from train.losses import rloo_advantages, sequence_logprobs
 from train.prepare import SFTExample
 from train.recipe import Recipe, Sources
@@ -39,7 +39,7 @@ from train.tokens import IGNORE, pad_right, rm_ids, sft_ids
 class RLOOTask(TaskBase):
     metric, mode = "val_reward", "max"
 
-    def __init__(self, cfg, train: list[dict], validation: list[dict], pad_id: int, client=None, replicas=()):
+    def __init__(self, cfg, train: Shard, validation: Shard, pad_id: int, client=None, replicas=()):
         super().__init__(cfg, train, validation, pad_id)
         self.client, self.replicas = client, list(replicas)
         self.r = cfg.rloo
@@ -54,9 +54,6 @@ class RLOOTask(TaskBase):
         self.reward = AutoModelForSequenceClassification.from_pretrained(resolve_model(self.r.reward_model, key="rloo.reward_model"), dtype=dtype).eval().requires_grad_(False)
         self.reward.config.pad_token_id = self.pad_id
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-
-    def steps(self, epoch_seed: int) -> list[list[dict]]:
-        return chunk_steps(order(self.train, epoch_seed), self.r.rollout_batch_size)
 
     def _sample(self, items: list[dict], n: int, temperature: float) -> list[list[str]]:
         sampling = Sampling(n=n, temperature=temperature, top_p=self.r.top_p if temperature > 0 else 1.0, max_tokens=self.r.max_tokens)
@@ -86,11 +83,11 @@ class RLOOTask(TaskBase):
 
     @torch.no_grad()
     def evaluate(self, engine) -> dict[str, tuple[float, float]]:
-        mine = self.validation_share()
-        if not mine:
-            return {"val_reward": (0.0, 0.0)}
-        scores = self._rewards(mine, self._sample(mine, 1, 0.0), engine.device)
-        return {"val_reward": (float(scores.sum()), float(len(scores)))}
+        total = count = 0.0
+        for items in self.validation.batches(self.r.rollout_batch_size):  # one engine batch per rollout batch
+            scores = self._rewards(items, self._sample(items, 1, 0.0), engine.device)
+            total, count = total + float(scores.sum()), count + len(scores)
+        return {"val_reward": (total, count)}
 
     def after_step(self, engine, step: int) -> None:
         """Push the updated policy into every rollout replica before anyone samples again."""

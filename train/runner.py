@@ -1,7 +1,8 @@
 """`fescale train <stage>`: prepare the stage's data on the driver, then train on Ray Train workers.
 
     config -> HelpSteer3 rows (checked) -> the paper's preparation -> token ids (length-filtered)
-           -> data report (printed, data_report.json) -> TorchTrainer(DeepSpeed) -> OUTPUT/model
+           -> data report (printed, data_report.json) -> the run's steps, one Ray Data shard per worker
+           -> TorchTrainer(DeepSpeed) -> OUTPUT/model
 
 The same for every stage: what differs (data preparation, step size, the Task each worker runs and
 what runs beside the workers) is the stage's recipe, `train.stages.RECIPES[cfg.stage]`.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -31,7 +33,8 @@ from actors.models import resolve_model
 from engine.cluster import connect
 from train import prepare
 from train.config import TrainConfig
-from train.recipe import Sources
+from train.loop import shard_name
+from train.recipe import Recipe, Sources
 from train.resume import check_resume
 from train.stages import RECIPES
 
@@ -69,17 +72,47 @@ def print_report(report: dict[str, Any]) -> None:
 
 
 def _worker(config: dict) -> None:
-    """Ray Train's per-worker entry point."""
+    """Ray Train's per-worker entry point: the recipe's Task on this worker's shards, run by the loop."""
     from transformers import AutoTokenizer
 
     from train import loop
 
     cfg = TrainConfig.model_validate(config["cfg"])
-    recipe = RECIPES[cfg.stage]
+    recipe = config["recipe"]
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(cfg.model))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    task = recipe.task(cfg, ray.get(config["train"]), ray.get(config["validation"]), pad_id, **config["extras"])
+    task = recipe.task(cfg, *loop.worker_shards(), pad_id, **config["extras"])
     loop.run(cfg, task, recipe.items_per_step(cfg), config["total_steps"], tokenizer)
+
+
+def shard_datasets(cfg: TrainConfig, recipe: Recipe, prepared: Prepared, total: int) -> dict[str, ray.data.Dataset]:
+    """One Ray Data dataset per worker and split: `train_<rank>` holds rank's part of each of the run's
+    `total` steps in step order, `validation_<rank>` every world-th validation item from rank on.
+
+    The driver plans the steps (`Recipe.schedule`, seeded per epoch) and splits each step by index:
+    rank r gets items [r * n, (r + 1) * n) of it, n = step size / workers, the slice the loop and
+    DeepSpeed's gradient accumulation expect. Ray Data's own split (`DataConfig(datasets_to_split=...)`,
+    `streaming_split`) is not used: it hands whole blocks to whichever worker has read the fewest rows,
+    so even with `preserve_order` a worker's s-th batch is not its part of planned step s, and a step
+    would lose what the recipe guarantees (edit-rm's distinct tuples per step) and depend on block
+    sizes. Explicit per-rank datasets make step s the same items on every rerun and at any Ray version;
+    the validation shares cover each item exactly once. Items are pickled once (see `train.loop.Shard`);
+    the object store holds the run's steps (epochs x the train set), each worker streams only its own.
+    """
+    world = cfg.resources.num_workers
+    per_worker = recipe.items_per_step(cfg) // world
+    blobs = {id(item): pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL) for item in prepared.train}
+    train: list[list[dict]] = [[] for _ in range(world)]
+    for step, (epoch, items) in enumerate(recipe.schedule(cfg, prepared.train, total)):
+        for rank in range(world):
+            train[rank] += [{"step": step, "epoch": epoch, "item": blobs[id(it)]} for it in items[rank * per_worker : (rank + 1) * per_worker]]
+    datasets = {shard_name("train", rank): ray.data.from_items(rows) for rank, rows in enumerate(train)}
+    for rank in range(world):
+        rows = [{"item": pickle.dumps(it, protocol=pickle.HIGHEST_PROTOCOL)} for it in prepared.validation[rank::world]]
+        datasets[shard_name("validation", rank)] = ray.data.from_items(rows)
+    for ds in datasets.values():  # a progress bar per shard and pass would break up the loop's step lines
+        ds.context.enable_progress_bars = False
+    return datasets
 
 
 def train(cfg: TrainConfig, dry_run: bool = False) -> Path | None:
@@ -113,12 +146,17 @@ def train(cfg: TrainConfig, dry_run: bool = False) -> Path | None:
     # Ray Train's controller needs a CPU slot besides the workers' and what the recipe starts.
     connect(None, r.num_workers * r.cpus_per_worker + recipe.reserved_cpus(cfg) + 1)
     with recipe.extras(cfg) as extras:
-        result = _fit(cfg, prepared, total, extras, out)
+        result = fit(cfg, recipe, prepared, total, extras, out)
     return _export_best(result, out)
 
 
-def _fit(cfg: TrainConfig, prepared: Prepared, total: int, extras: dict, out: Path):
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+def fit(cfg: TrainConfig, recipe: Recipe, prepared: Prepared, total: int, extras: dict, out: Path):
+    """Train `recipe` on Ray Train workers, each reading its shards (`shard_datasets`); Ray Train's result.
+
+    The shards are not split again by Ray Train (`datasets_to_split=[]`: each worker asks only for its
+    own) and are read in order (`preserve_order`), which the loop checks step by step."""
+    from ray.data import ExecutionOptions
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     r = cfg.resources
@@ -127,16 +165,12 @@ def _fit(cfg: TrainConfig, prepared: Prepared, total: int, extras: dict, out: Pa
         "OMP_NUM_THREADS": str(r.threads or max(1, math.ceil(r.cpus_per_worker))),
         "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # its logger echo printed every progress line twice
     }
-    task = RECIPES[cfg.stage].task
+    task = recipe.task
     trainer = TorchTrainer(
         _worker,
-        train_loop_config={
-            "cfg": cfg.model_dump(),
-            "train": ray.put(prepared.train),
-            "validation": ray.put(prepared.validation),
-            "total_steps": total,
-            "extras": extras,
-        },
+        train_loop_config={"cfg": cfg.model_dump(), "recipe": recipe, "total_steps": total, "extras": extras},
+        datasets=shard_datasets(cfg, recipe, prepared, total),
+        dataset_config=DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
         torch_config=TorchConfig(backend="nccl" if r.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu, resources_per_worker={"CPU": r.cpus_per_worker}),
         run_config=RunConfig(

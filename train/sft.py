@@ -21,7 +21,7 @@ from actors.chat_format import ChatFormatter
 from actors.models import resolve_model
 from train import data, prepare
 from train.config import TrainConfig
-from train.loop import TaskBase, chunk_steps, order
+from train.loop import TaskBase
 from train.recipe import Recipe, Sources
 from train.tokens import IGNORE, pack_sft, pad_right, tokenize_sft
 
@@ -36,9 +36,6 @@ class SFTTask(TaskBase):
 
         return AutoModelForCausalLM.from_pretrained(resolve_model(self.cfg.model), **self.model_kwargs)
 
-    def steps(self, epoch_seed: int) -> list[list[dict]]:
-        return chunk_steps(order(self.train, epoch_seed), self.cfg.optim.global_batch_size)
-
     def loss(self, engine, items: list[dict]):
         out = engine(**collate(items, self.pad_id, engine.device))
         return out.loss, {}, sum(len(it["input_ids"]) for it in items)
@@ -46,10 +43,9 @@ class SFTTask(TaskBase):
     @torch.no_grad()
     def evaluate(self, engine) -> dict[str, float]:
         engine.eval()
-        mine = self.validation_share()
         total, count = 0.0, 0
-        for i in range(0, len(mine), self.cfg.optim.micro_batch_size):
-            batch = collate(mine[i : i + self.cfg.optim.micro_batch_size], self.pad_id, engine.device)
+        for items in self.validation.batches(self.cfg.optim.micro_batch_size):
+            batch = collate(items, self.pad_id, engine.device)
             n = int((batch["labels"][:, 1:] != IGNORE).sum())
             total += float(engine(**batch).loss) * n
             count += n
