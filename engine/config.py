@@ -21,12 +21,13 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, SecretStr, field_validator, model_validator
+from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, field_validator, model_validator
 
 from actors.registry import BUILTIN, IMPORT_PATH
 from engine import templates
 from engine.config_kit import StrictModel, load, presets, resolve, validate
 from engine.modes import MODES, ModeName
+from engine.serve_config import ServeConfig
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 ROLES = ("generator", "feedback", "editor", "reward")
@@ -207,6 +208,11 @@ class SelectConfig(StrictModel):
         "(0 for Llama-3.3-Nemotron-70B-Select and Llama-3.1-Nemotron-70B-Reward)",
     )
     include_originals: bool = Field(False, description="also score the unedited responses as candidates")
+    context: Literal["prompt", "edit"] = Field(
+        "prompt",
+        description="what a scalar scorer reads before a candidate: the prompt (a general reward model, as the paper's Select), "
+        "or before each edit its edit conversation: prompt, initial response, its feedback set (the Edit RM's input, fescale train edit-rm)",
+    )
     judge_template: str = templates.JUDGE
     target_token: str = "Yes"
     select_template: str = templates.SELECT
@@ -224,74 +230,6 @@ class PipelineConfig(StrictModel):
     ready_timeout_s: PositiveFloat = Field(900.0, description="max wait for placement groups and model loading (also a restarting replica)")
     max_attempts: PositiveInt = Field(3, description="tries of one prompt's model call whose replica dies or hangs; then the prompt goes to the errors file")
     call_timeout_s: PositiveFloat | None = Field(None, description="a model call running longer counts as a hung replica: it is restarted and the call retried")
-
-
-class ServeCaps(StrictModel):
-    """Per-request limits of the Serve app; a request above one gets a 400 that names it.
-
-    They bound how much work one request can make the models do (N x M x K calls of up to
-    max_tokens each), so a single client cannot monopolise the pools. The server's own defaults
-    are the operator's choice and are not capped: a value equal to the server's default passes
-    even when that default is above the cap, so an operator can serve a large default while
-    refusing requests that set their own value above the cap.
-    """
-
-    max_responses: PositiveInt = Field(16, description="N, initial responses per request")
-    max_feedback_samples: PositiveInt = Field(64, description="M, feedback sampled per response")
-    max_feedback_per_request: PositiveInt = Field(256, description="N x M, all feedback of one request")
-    max_edits_per_set: PositiveInt = Field(4, description="K, edits per feedback set")
-    max_tokens: PositiveInt = Field(4096, description="the generator's max_tokens")
-    max_model_calls: PositiveInt = Field(
-        1024, description="responses + feedback + edits + scorings one request may cause (engine.knobs.model_calls): the knobs' product"
-    )
-    max_deadline_s: PositiveFloat = Field(3600.0, description="fescale.deadline_s a request may ask for")
-
-
-class ServeConfig(StrictModel):
-    """The Ray Serve app (`fescale serve`): HTTP, backpressure, replicas, auth and per-request caps."""
-
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
-    model_name: str = Field("fescale", description="the model id clients send and GET /v1/models lists")
-    modes: list[ModeName] | None = Field(None, description="modes a request may ask for; null: all (their role pools are loaded at start)")
-    num_replicas: PositiveInt = Field(1, description="HTTP ingress replicas (they share the role pools)")
-    autoscaling: dict[str, Any] | None = Field(None, description="Ray Serve autoscaling_config of the ingress; replaces num_replicas")
-    max_ongoing_requests: PositiveInt = Field(32, description="requests one ingress replica works on at once")
-    max_queued_requests: int = Field(64, ge=-1, description="requests waiting for an ingress replica; beyond: 503 (-1: unbounded)")
-    retry_after_s: NonNegativeFloat = Field(5.0, description="Retry-After of a 503 over the queue limit")
-    num_cpus: NonNegativeFloat = Field(0.1, description="logical CPUs reserved per ingress replica (it only awaits the pools)")
-    api_keys: list[SecretStr] = Field(default_factory=list, description="bearer tokens accepted (never printed or written back)")
-    api_keys_env: str = Field("FESCALE_API_KEYS", description="environment variable with more comma-separated keys, read where the app is built")
-    allow_unauthenticated: bool = Field(False, description="serve a non-loopback host without API keys, on purpose")
-    openapi: bool = Field(False, description="serve /openapi.json and /docs (off: a public server does not describe itself)")
-    max_request_bytes: PositiveInt = Field(1 << 20, description="request body limit; larger: 413 before it is read whole")
-    max_messages: PositiveInt = Field(512, description="messages per request")
-    max_json_depth: PositiveInt = Field(32, description="nesting of the request's JSON")
-    deadline_s: PositiveFloat = Field(
-        600.0, description="a request still unanswered after this long gets a 504 and its model calls are cancelled (per request: fescale.deadline_s)"
-    )
-    caps: ServeCaps = Field(default_factory=ServeCaps)
-    model_presets: dict[str, dict[str, Any]] = Field(
-        default_factory=dict, description="more model ids, each with default `fescale` knobs (a request's own win), e.g. fescale-greedy: {mode: greedy}"
-    )
-
-    @model_validator(mode="after")
-    def _check_presets(self) -> "ServeConfig":
-        from engine.openai_protocol import knobs_problem  # the request's own knob schema (that module sits above this one)
-
-        for name, knobs in self.model_presets.items():
-            if not name.strip() or name == self.model_name:
-                raise ValueError(f"model_presets: {name!r} is not a new model id (serve.model_name's defaults are the config itself)")
-            if problem := knobs_problem(knobs, self.modes):
-                raise ValueError(f"model_presets.{name}.{problem}")
-        return self
-
-    @field_validator("api_keys")
-    @classmethod
-    def _not_masked(cls, keys: list[SecretStr]) -> list[SecretStr]:
-        if any(set(k.get_secret_value()) <= {"*"} for k in keys):
-            raise ValueError("a key of only '*' is the mask of a printed config, not a key: set the real key (or FESCALE_API_KEYS)")
-        return keys
 
 
 class FescaleConfig(StrictModel):
@@ -327,6 +265,12 @@ class FescaleConfig(StrictModel):
             raise ValueError(
                 f"select.scorer {self.select.scorer} needs {LOCAL_SCORERS[self.select.scorer]} (roles.reward.backend hf or vllm); "
                 "an OpenAI-compatible endpoint returns neither head scores nor raw logits"
+            )
+        if self.select.context == "edit" and (self.select.scorer not in LOCAL_SCORERS or spec.edit != "with_feedback" or self.select.include_originals):
+            raise ValueError(
+                "select.context edit ranks edits by their edit conversations (an Edit RM): it needs a scalar scorer "
+                f"({', '.join(LOCAL_SCORERS)}), a mode that edits with feedback, and select.include_originals false (an unedited "
+                f"response has no edit conversation); got scorer {self.select.scorer}, mode {self.mode}"
             )
         return self
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 
-from engine.config import FescaleConfig, PlanItem, ServeConfig, build_config
+from engine.config import FescaleConfig, PlanItem, build_config
+from engine.serve_config import ServeConfig
 from actors.errors import ConfigError, NotFoundError, RequestError
 from engine.modes import MODES
 from engine.openai_protocol import ChatCompletionRequest, FescaleKnobs

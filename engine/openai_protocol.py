@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, 
 from actors.errors import FescaleError, RequestError
 from engine.modes import ModeName
 from engine.rows import PromptState
+from engine.summary import row_stats
 
 
 class _Lenient(BaseModel):
@@ -271,8 +272,12 @@ def usage_body(state: PromptState) -> dict:
 
 
 def trace_body(state: PromptState) -> dict:
-    """Why the answer won: mode, candidates with feedback, sets, edits and scores, the selection, usage per stage."""
-    return state.model_dump(mode="json", include={"mode", "config_hash", "selected", "candidates", "usage"})
+    """Why the answer won: mode, candidates with feedback, sets, edits and scores, the selection, usage
+    per stage, and the run summary's counts of this one prompt (feedback unparseable or perfectly
+    helpful, no-edits: `engine.summary.row_stats`)."""
+    body = state.model_dump(mode="json", include={"mode", "config_hash", "selected", "candidates", "usage"})
+    body["counts"] = {k: v for k, v in row_stats(state).items() if k not in ("failed", "tokens")}
+    return body
 
 
 class Completion:

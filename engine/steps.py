@@ -169,11 +169,8 @@ class EditStep(Step):
                 conv = method.with_response(messages, cand.text, self.cfg.without_feedback_template)
                 jobs.append((i, None, ChatRequest(tuple(conv), sampling(i, None))))
                 continue
-            for j, feedback_set in enumerate(cand.feedback_sets):
-                instruction = method.edit_instruction(
-                    [cand.feedback[f].text for f in feedback_set], self.cfg.template, self.cfg.joiner, self.cfg.filler
-                )
-                jobs.append((i, j, ChatRequest(tuple(method.with_response(messages, cand.text, instruction)), sampling(i, j))))
+            for j in range(len(cand.feedback_sets)):
+                jobs.append((i, j, ChatRequest(tuple(edit_conversation(self.cfg, messages, cand, j)), sampling(i, j))))
         results = await self.client.chat([request for *_, request in jobs])
         for (i, j, _), result in zip(jobs, results):
             state.usage_of(self.name).add(result.prompt_tokens, result.completion_tokens)
@@ -189,8 +186,9 @@ class SelectStep(Step):
 
     name = "select"
 
-    def __init__(self, cfg: SelectConfig, client: ModelClient | None):
-        self.cfg, self.client = cfg, client
+    def __init__(self, cfg: SelectConfig, client: ModelClient | None, edit: EditConfig | None = None):
+        """`edit`: the editor's config, whose prompts `select.context: edit` scores edits after."""
+        self.cfg, self.client, self.edit = cfg, client, edit
 
     async def run(self, state: PromptState) -> None:
         pool = [
@@ -199,7 +197,11 @@ class SelectStep(Step):
             for e in ([*range(len(cand.edits)), *([None] if self.cfg.include_originals else [])] if cand.edits else [None])
         ]
         texts = [state.candidates[i].text if e is None else state.candidates[i].edits[e].text for i, e in pool]
-        scores: list[float | None] = [None] if len(pool) == 1 else await self.score(state, texts)
+        contexts = None
+        if self.cfg.context == "edit":  # each edit after the conversation it answered (the Edit RM's input)
+            messages = state.conversation()
+            contexts = [edit_conversation(self.edit, messages, state.candidates[i], state.candidates[i].edits[e].feedback_set) for i, e in pool]
+        scores: list[float | None] = [None] if len(pool) == 1 else await self.score(state, texts, contexts)
         for (i, e), score in zip(pool, scores):
             target = state.candidates[i] if e is None else state.candidates[i].edits[e]
             target.score = score
@@ -209,8 +211,9 @@ class SelectStep(Step):
         state.selected = Selected(response=i, feedback_set=edit.feedback_set if edit else None, edit=e, score=scores[best])
         state.final = texts[best]
 
-    async def score(self, state: PromptState, texts: list[str]) -> list[float]:
-        """Each text's reward as the answer to `state`'s conversation (also `fescale score`'s, one text a row)."""
+    async def score(self, state: PromptState, texts: list[str], contexts: list[list[dict]] | None = None) -> list[float]:
+        """Each text's reward as the answer to `state`'s conversation, or to its own of `contexts` (a
+        scalar scorer's); also `fescale score`'s, one text a row."""
         usage = state.usage_of(self.name)
         messages = state.conversation()
         if self.cfg.scorer == "generative":
@@ -220,7 +223,8 @@ class SelectStep(Step):
                 [NextTokenRequest(tuple(method.with_response(messages, t, self.cfg.judge_template)), (self.cfg.target_token,)) for t in texts]
             )
         else:
-            results = await self.client.classify([ClassifyRequest(tuple([*messages, {"role": "assistant", "content": t}])) for t in texts])
+            before = contexts or [messages] * len(texts)
+            results = await self.client.classify([ClassifyRequest(tuple([*c, {"role": "assistant", "content": t}])) for c, t in zip(before, texts)])
         for r in results:
             usage.add(r.prompt_tokens)
         return [r.scores[0] for r in results]
@@ -249,6 +253,13 @@ class SelectStep(Step):
         return survived
 
 
+def edit_conversation(cfg: EditConfig, messages: list[dict], cand: Candidate, feedback_set: int) -> list[dict]:
+    """What the editor answers with an edit of `cand` from its feedback set: the prompt, the response,
+    the edit instruction with that set's feedback (`train.prepare.edit_prompt` builds the same)."""
+    instruction = method.edit_instruction([cand.feedback[f].text for f in cand.feedback_sets[feedback_set]], cfg.template, cfg.joiner, cfg.filler)
+    return method.with_response(messages, cand.text, instruction)
+
+
 def call_seed(sampling_seed: int | None, *call: object) -> int | None:
     """The seed of one sampling call of a seeded request, from the request's seed and the call's place
     in the method (step, response, feedback set): reproducible, and no two calls share their draws."""
@@ -265,7 +276,7 @@ def build_steps(cfg: FescaleConfig, client_for: Callable[[str], ModelClient]) ->
         steps += [FeedbackStep(cfg.feedback, client_for("feedback"), cfg.seed, seed), FilterStep(cfg.feedback, cfg.seed)]
     if spec.edit != "none":
         steps.append(EditStep(cfg.edit, client_for("editor"), with_feedback=spec.edit == "with_feedback", sampling_seed=seed))
-    steps.append(SelectStep(cfg.select, client_for("reward") if spec.select else None))
+    steps.append(SelectStep(cfg.select, client_for("reward") if spec.select else None, cfg.edit))
     return steps
 
 

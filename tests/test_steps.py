@@ -13,7 +13,7 @@ from actors.hf_backend import HFBackend
 from conftest import make_config
 from engine import method, templates
 from engine.rows import Candidate, Edit, Feedback, Message, PromptState
-from engine.steps import EditStep, FeedbackStep, FilterStep, Generate, SelectStep, build_steps, run_steps
+from engine.steps import EditStep, FeedbackStep, FilterStep, Generate, SelectStep, build_steps, edit_conversation, run_steps
 
 
 class Recorder:
@@ -173,6 +173,30 @@ def test_sequence_classification_scorer(tiny_classifier):
     run(SelectStep(cfg.select, rec).run(s))
     assert [r.messages[-1] for r in rec.requests["classify"]] == [{"role": "assistant", "content": "a"}, {"role": "assistant", "content": "b"}]
     assert s.selected.score == max(c.score for c in s.candidates)
+
+
+def test_an_edit_reward_model_scores_each_edit_after_its_edit_conversation(tiny_classifier):
+    """select.context edit (fescale's Edit RM): each edit is scored after the prompt, the initial
+    response and the feedback of the set it answered, as `train.prepare.edit_prompt` trains it."""
+    from actors.errors import ConfigError
+
+    rec = Recorder(HFBackend(BackendSpec(backend="hf", model=tiny_classifier, kind="classifier")))
+    cfg = make_config("unused", select={"scorer": "sequence_classification", "context": "edit"})
+    cand = Candidate(
+        text="four", feedback=[fb("not", 0), fb("mostly", 1)], feedback_sets=[[0], [1]],
+        edits=[Edit(text="It is 4.", feedback_set=0), Edit(text="4, since 2 + 2 = 4.", feedback_set=1)],
+    )
+    s = state(candidates=[cand])
+    run(SelectStep(cfg.select, rec, cfg.edit).run(s))
+    for request, edit in zip(rec.requests["classify"], cand.edits):
+        *conversation, last = request.messages
+        assert last == {"role": "assistant", "content": edit.text}
+        assert conversation == edit_conversation(cfg.edit, s.conversation(), cand, edit.feedback_set)
+        assert "four" in str(conversation) and cand.feedback[edit.feedback_set].text in conversation[-1]["content"]
+    assert s.selected.score == max(e.score for e in cand.edits)
+    for bad in ({"scorer": "logit_judge"}, {"include_originals": True}):
+        with pytest.raises(ConfigError, match="select.context edit ranks edits"):
+            make_config("unused", select={"scorer": "sequence_classification", "context": "edit", **bad})
 
 
 @pytest.mark.parametrize("mode", ["feedback_edit", "greedy", "best_of_n", "self_feedback_self_edit", "feedback_self_edit", "edit_without_feedback"])

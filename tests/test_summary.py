@@ -44,3 +44,10 @@ def test_no_edit_rate_is_none_without_edits():
     summary = Summary("greedy", "h")
     summary.add([PromptState(id="g", messages=[Message(role="user", content="hi")], mode="greedy", config_hash="h", candidates=[Candidate(text="hello")], final="hello")])
     assert summary.no_edit_rate is None and "no-edits (n/a)" in summary.table() and summary.to_dict()["no_edit_rate"] is None
+
+
+def test_the_serve_trace_carries_the_same_counts_for_its_one_prompt():
+    from engine.openai_protocol import trace_body
+
+    counts = trace_body(finished_row())["counts"]
+    assert (counts["feedback_unparseable"], counts["feedback_perfect"], counts["edits_unchanged"]) == (2, 1, 1)

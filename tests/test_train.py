@@ -91,7 +91,7 @@ def test_trained_editor_and_reward_model_run_in_the_engine(ray_session, tiny_mod
         roles={"generator": {"model": tiny_model, "backend": "hf", "num_cpus": 1, "threads": 1},
                "editor": {"model": str(edit_sft[0]), "backend": "hf", "num_cpus": 1, "threads": 1},
                "reward": {"model": str(edit_rm[0]), "backend": "hf", "num_cpus": 1, "threads": 1}},
-        select={"scorer": "sequence_classification"},
+        select={"scorer": "sequence_classification", "context": "edit"},  # the Edit RM ranks edits by their edit conversations
     )
     summary = Summary(cfg.mode, cfg.config_hash())
     execute(cfg, [Prompt("p0", [{"role": "user", "content": "Name a colour."}], 1)], JsonlSink(tmp_path / "o.jsonl", []), summary, progress=False)
