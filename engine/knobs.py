@@ -49,6 +49,11 @@ def request_config(base: FescaleConfig, req: ChatCompletionRequest) -> FescaleCo
     preset = base.serve.model_presets.get(req.model or "")
     cfg = configured(base, req.fescale, req)
     check_caps(cfg, base, configured(base, FescaleKnobs.model_validate(preset)) if preset else None)
+    if req.n > (most := final_candidates(cfg)):
+        raise RequestError(
+            f"n={req.n}: the n best candidates are returned, and mode {cfg.mode} with these knobs has at most {most}; "
+            "ask for more candidates (fescale.num_responses, edits_per_set) or a smaller n", param="n"
+        )
     return cfg
 
 
@@ -107,23 +112,28 @@ def deadline_s(base: FescaleConfig, req: ChatCompletionRequest) -> float:
     return asked
 
 
+def final_candidates(cfg: FescaleConfig) -> int:
+    """The most candidates select can rank for one prompt of this config (what `n` may ask for)."""
+    n, spec = cfg.generate.num_responses, cfg.spec
+    if spec.edit == "none":
+        return n
+    sets = 1
+    if spec.edit == "with_feedback" and cfg.feedback.sets == "partition":
+        m = cfg.feedback.samples
+        sets = math.ceil(min(cfg.feedback.effective or m, m) / cfg.feedback.set_size)
+    return n * sets * cfg.edit.edits_per_set + (n if cfg.select.include_originals else 0)
+
+
 def model_calls(cfg: FescaleConfig) -> int:
     """The most model calls one prompt of this config can cause: sampled sequences (responses,
     feedback, edits), guided-level scorings and select's scorings. Each knob is capped on its own,
     but their product is what costs: N=16 with 64 feedback in partitioned sets and 4 edits each is
     thousands of calls from one request."""
     n, spec = cfg.generate.num_responses, cfg.spec
-    calls, sets = n, 1
-    if spec.feedback:
-        m = cfg.feedback.samples
-        calls += n * m + (n if cfg.feedback.guided_level else 0)
-        if cfg.feedback.sets == "partition":
-            sets = math.ceil(min(cfg.feedback.effective or m, m) / cfg.feedback.set_size)
-    candidates = n
+    calls = n + (n * cfg.feedback.samples + (n if cfg.feedback.guided_level else 0) if spec.feedback else 0)
+    candidates = final_candidates(cfg)
     if spec.edit != "none":
-        edits = n * (sets if spec.edit == "with_feedback" else 1) * cfg.edit.edits_per_set
-        calls += edits
-        candidates = edits + (n if cfg.select.include_originals else 0)
+        calls += candidates - (n if cfg.select.include_originals else 0)  # the edits
     if spec.select and candidates > 1:
         calls += candidates - 1 if cfg.select.scorer == "generative" else candidates  # knockout: at most one contest per loser
     return calls

@@ -66,7 +66,7 @@ class ChatCompletionRequest(_Lenient):
     max_completion_tokens: PositiveInt | None = None
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    n: PositiveInt = 1
+    n: PositiveInt = Field(1, description="choices: the n best candidates by the selector, best first (engine.knobs caps it)")
     seed: NonNegativeInt | None = None
     stop: list[str] = Field(default_factory=list)
     stream: bool = False
@@ -113,13 +113,6 @@ class ChatCompletionRequest(_Lenient):
         if not isinstance(stops, list) or len(stops) > cls.MAX_STOPS or not all(isinstance(s, str) and 0 < len(s) <= cls.MAX_STOP_CHARS for s in stops):
             raise ValueError(f"must be a string or a list of up to {cls.MAX_STOPS} strings, each of 1 to {cls.MAX_STOP_CHARS} characters")
         return stops
-
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, v: int) -> int:
-        if v != 1:
-            raise ValueError("fescale returns one selected answer: n must be 1 (ask for more candidates with fescale.num_responses)")
-        return v
 
     @model_validator(mode="after")
     def _check_messages(self) -> "ChatCompletionRequest":
@@ -286,12 +279,13 @@ class Completion:
     A stream opens at once with the assistant role, then sends an SSE comment as each step of the
     method finishes (clients skip comments; a gateway sees a live connection, a user sees progress),
     then the answer in pieces, the finish reason, usage if asked and `[DONE]`. The method picks its
-    answer only at the end, so the answer's text cannot come sooner than that."""
+    answer only at the end, so the answer's text cannot come sooner than that (greedy's can: its
+    tokens come as `delta`s). With `n` > 1 the choices are the n best candidates, best first."""
 
-    def __init__(self, model: str, trace: bool):
+    def __init__(self, model: str, trace: bool, n: int = 1):
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
-        self.model, self.trace = model, trace
+        self.model, self.trace, self.n = model, trace, n
 
     def body(self, state: PromptState) -> dict:
         body = {
@@ -299,7 +293,9 @@ class Completion:
             "object": "chat.completion",
             "created": self.created,
             "model": self.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": state.final}, "finish_reason": state.final_finish_reason()}],
+            "choices": [
+                {"index": k, "message": {"role": "assistant", "content": text}, "finish_reason": reason} for k, (text, reason) in enumerate(state.ranked(self.n))
+            ],
             "usage": usage_body(state),
         }
         if self.trace:
@@ -320,12 +316,15 @@ class Completion:
     def closing(self, state: PromptState, include_usage: bool, streamed: int = 0, piece_chars: int = 32) -> list[str]:
         """The answer in pieces (after its first `streamed` characters, sent as deltas already), the
         finish reason (and the trace if asked), usage if asked, `[DONE]`."""
-        text = (state.final or "")[streamed:]
-        events = [self._chunk([{"index": 0, "delta": {"content": text[i : i + piece_chars]}, "finish_reason": None}]) for i in range(0, len(text), piece_chars)]
-        last = self._chunk([{"index": 0, "delta": {}, "finish_reason": state.final_finish_reason()}])
+        events = []
+        for k, (text, reason) in enumerate(state.ranked(self.n)):
+            text = text[streamed:] if k == 0 else text
+            if k > 0:  # every choice opens with its role, as OpenAI streams n choices
+                events.append(self._chunk([{"index": k, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]))
+            events += [self._chunk([{"index": k, "delta": {"content": text[i : i + piece_chars]}, "finish_reason": None}]) for i in range(0, len(text), piece_chars)]
+            events.append(self._chunk([{"index": k, "delta": {}, "finish_reason": reason}]))
         if self.trace:
-            last["fescale"] = trace_body(state)
-        events.append(last)
+            events[-1]["fescale"] = trace_body(state)
         if include_usage:
             events.append(self._chunk([], usage=usage_body(state)))
         return [_event(e) for e in events] + [DONE]

@@ -85,6 +85,18 @@ class PromptState(_Row):
         cand = self.candidates[self.selected.response]
         return (cand if self.selected.edit is None else cand.edits[self.selected.edit]).finish_reason
 
+    def ranked(self, n: int) -> list[tuple[str, str]]:
+        """The n best (text, finish reason) by the selector's scores, the selected answer first (ties
+        keep the candidates' order, as selection does); fewer if fewer were scored."""
+        if self.selected is None or self.selected.score is None:
+            return [(self.final or "", self.final_finish_reason())]
+        scored = [
+            (target.score, k, target.text, target.finish_reason)
+            for k, target in enumerate(t for c in self.candidates for t in (*c.edits, c))
+            if target.score is not None
+        ]
+        return [(text, reason) for _, _, text, reason in sorted(scored, key=lambda s: (-s[0], s[1]))[:n]]
+
     def usage_of(self, stage: str) -> Usage:
         return self.usage.setdefault(stage, Usage())
 

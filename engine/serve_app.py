@@ -204,7 +204,7 @@ class FescaleAPI:
         except asyncio.CancelledError:  # the client left while its body was read
             self._end(self.cfg.mode, 499, started, None)
             raise
-        completion = Completion(req.model or s.model_name, req.fescale.return_trace)
+        completion = Completion(req.model or s.model_name, req.fescale.return_trace, req.n)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(self._stream(completion, cfg, req, deadline, include_usage, started), media_type="text/event-stream")

@@ -168,3 +168,14 @@ def test_knobs_as_headers_apply_and_the_body_wins():
     body = json.dumps({"messages": HI, "fescale": {"num_responses": 2}}).encode()
     req = parse_request(body, headers={"X-Fescale-Mode": "best_of_n", "X-Fescale-Num-Responses": "4", "X-Fescale-Return-Trace": "true", "Other": "x"})
     assert (req.fescale.mode, req.fescale.num_responses, req.fescale.return_trace) == ("best_of_n", 2, True)
+
+
+@pytest.mark.parametrize("n, knobs, ok", [(1, {"mode": "greedy"}, True), (2, {"mode": "greedy"}, False), (4, {"mode": "best_of_n", "num_responses": 4}, True), (5, {"mode": "best_of_n", "num_responses": 4}, False)])
+def test_n_is_at_most_the_candidates_a_request_makes(n, knobs, ok):
+    base = load_config("feedback_edit")
+    req = parse_request(json.dumps({"messages": HI, "n": n, "fescale": knobs}).encode())
+    if ok:
+        request_config(base, req)
+    else:
+        with pytest.raises(RequestError, match=rf"n={n}: .* at most"):
+            request_config(base, req)

@@ -146,7 +146,7 @@ def test_knobs_change_the_amount_of_work_visible_in_usage_and_trace(server):
         ({"messages": HI, "fescale": {"feedback_samples": 2, "effective_feedback": 3}}, 400, "effective_feedback=3 exceeds"),
         ({"messages": HI, "fescale": {"mode": "best_of_everything"}}, 400, "fescale.mode"),
         ({"messages": HI, "fescale": {"retries": 3}}, 400, "unknown knob"),
-        ({"messages": HI, "n": 2}, 400, "n must be 1"),
+        ({"messages": HI, "n": 2, "fescale": {"mode": "greedy"}}, 400, r"n=2: the n best candidates are returned, and mode greedy .* at most 1"),
         ({"messages": HI, "max_tokens": 0}, 400, "max_tokens"),
         ({"model": "gpt-4o", "messages": HI}, 404, "does not exist"),
         ({"messages": [{"role": "user", "content": "word " * 1100}], "fescale": {"mode": "greedy"}}, 400, "model's context is 1024"),

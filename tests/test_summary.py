@@ -51,3 +51,20 @@ def test_the_serve_trace_carries_the_same_counts_for_its_one_prompt():
 
     counts = trace_body(finished_row())["counts"]
     assert (counts["feedback_unparseable"], counts["feedback_perfect"], counts["edits_unchanged"]) == (2, 1, 1)
+
+
+def test_n_choices_are_the_best_scored_candidates_best_first():
+    """OpenAI's `n`: the n best candidates by the selector's scores; the first is the selected answer."""
+    from engine.openai_protocol import Completion
+    from engine.rows import Selected
+
+    row = finished_row()
+    first = row.candidates[0]
+    first.edits[0].score, first.edits[1].score = 0.5, 0.9
+    row.selected = Selected(response=0, feedback_set=0, edit=1, score=0.9)
+    body = Completion("fescale", trace=False, n=2).body(row)
+    assert [c["message"]["content"] for c in body["choices"]] == [first.edits[1].text, first.edits[0].text]
+    assert [c["index"] for c in body["choices"]] == [0, 1]
+    assert len(Completion("fescale", trace=False, n=5).body(row)["choices"]) == 2  # no more were scored
+    events = Completion("fescale", trace=False, n=2).closing(row, include_usage=False)
+    assert sum('"finish_reason": "stop"' in e for e in events) == 2 and events[-1] == "data: [DONE]\n\n"
