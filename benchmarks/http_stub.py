@@ -21,6 +21,10 @@ Answer = tuple[int, bytes, dict[str, str]]
 Handle = Callable[[str, bytes], "Answer | None"]
 
 
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 1024  # the listen backlog (5 by default): hundreds of clients connecting at once must not be reset
+
+
 class HttpStub:
     def __init__(self, handle: Handle):
         class Handler(BaseHTTPRequestHandler):
@@ -44,7 +48,7 @@ class HttpStub:
             def log_message(self, *args):
                 pass  # the callers count what matters; a line per request would drown test output
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = _Server(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_port}/v1"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 

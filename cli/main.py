@@ -185,8 +185,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """serve the system over HTTP as an OpenAI-compatible Ray Serve app
 
     Starts the role pools of every served mode and an OpenAI-compatible app (/v1/chat/completions,
-    /v1/models, /health) on Ray Serve; runs until Ctrl-C. Requests pick mode and knobs in
-    `fescale: {...}` (openai client: extra_body). Settings live in the config's `serve:` section.
+    /v1/models, /health) on Ray Serve; runs until SIGTERM or Ctrl-C, which at any moment (start-up too) shut it
+    down and exit 0. Requests pick mode and knobs in `fescale: {...}` (openai client: extra_body).
+    Settings live in the config's `serve:` section.
     API keys come from serve.api_keys or the FESCALE_API_KEYS environment variable of this command;
     a --host other than loopback needs keys (or serve.allow_unauthenticated=true).
     """
@@ -205,27 +206,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 0
     from ray import serve
 
+    from cli.stopping import exit_now, serve_until_stopped
     from engine.placement import check_models
     from engine.runner import init_ray
 
     check_exposure(cfg, api_keys(cfg))  # before anything starts: an open server beyond loopback is refused
     check_models(cfg, cfg.served_modes())
-    init_ray(cfg, args.address, serving=True, metrics_port=args.metrics_port)
     started = time.monotonic()
-    try:
-        url = run_app(cfg) + "/v1"
-    except RuntimeError as e:  # a deployment failed to start; Serve's message names the replica's error
-        raise FescaleError(f"the Serve app did not start: {e}") from None
-    log.info("serving model %r at %s (modes %s) after %.1fs; Ctrl-C stops", cfg.serve.model_name, url, ", ".join(cfg.served_modes()), time.monotonic() - started)
-    signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        while True:
-            time.sleep(1)
-    except KeyboardInterrupt:
-        log.info("shutting down the Serve app")
-    finally:
-        serve.shutdown()
-    return 0
+
+    def start() -> str:
+        try:
+            return run_app(cfg) + "/v1"
+        except RuntimeError as e:  # a deployment failed to start; Serve's message names the replica's error
+            raise FescaleError(f"the Serve app did not start: {e}") from None
+
+    def ready(url: str) -> None:
+        log.info("serving model %r at %s (modes %s) after %.1fs; Ctrl-C stops", cfg.serve.model_name, url, ", ".join(cfg.served_modes()), time.monotonic() - started)
+
+    stopped_by = serve_until_stopped(lambda: init_ray(cfg, args.address, serving=True, metrics_port=args.metrics_port), start, ready, serve.shutdown)
+    log.info("stopped on %s", stopped_by)
+    exit_now(0)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
