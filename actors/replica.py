@@ -100,9 +100,12 @@ class ModelReplica:
     (`benchmarks.faults`), named by import path in the role's `backend`: nothing here looks for it.
     """
 
-    def __init__(self, spec: BackendSpec, events, restarts: tuple[int, float] = (0, float("inf"))):
-        """`restarts`: (max_restarts, window_s), the restart budget `PoolEvents.starting` keeps."""
-        self.events = events
+    def __init__(self, spec: BackendSpec, events: str, restarts: tuple[int, float] = (0, float("inf"))):
+        """`events`: the name of the pools' `PoolEvents` actor. A name, not its handle: Ray logs an
+        error for every restartable actor with an actor handle among its constructor arguments
+        (ray-project/ray#53727), and a replica is looked up by name just as well.
+        `restarts`: (max_restarts, window_s), the restart budget `PoolEvents.starting` keeps."""
+        self.events = events = ray.get_actor(events)
         context = ray.get_runtime_context()
         self.id = context.get_actor_id()
         # The constructor waits for the events actor on purpose (no call runs yet). ray.wait, not

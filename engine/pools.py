@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from typing import Callable, Iterable
 
 import ray
@@ -93,7 +94,8 @@ class Pools:
     def _start(self) -> None:
         timeout = self.cfg.pipeline.ready_timeout_s
         started = time.monotonic()
-        self.events = PoolEvents.remote()
+        events_name = f"fescale-events-{uuid.uuid4().hex}"
+        self.events = PoolEvents.options(name=events_name).remote()
         for name, pool in self.layouts.items():
             key = f"roles.{pool.roles[0]}"
             env = {**REPLICA_ENV, **pool.role.env}
@@ -103,7 +105,7 @@ class Pools:
                 options = actor_options(pool.placement, pg)
                 # Ray restarts it without limit; the budget per window is the events actor's (`PoolEvents.starting`).
                 replica = ModelReplica.options(**options, max_restarts=-1, max_task_retries=0, runtime_env={"env_vars": env}).remote(
-                    pool.spec, self.events, (pool.role.max_restarts, pool.role.restart_window_s)
+                    pool.spec, events_name, (pool.role.max_restarts, pool.role.restart_window_s)
                 )
                 self.replicas[name].append(replica)
         for name, pool in self.layouts.items():

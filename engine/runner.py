@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 from typing import Callable
 
 import ray
@@ -111,9 +112,6 @@ def run_stream(
 
     Starts the config's pools (and stops them after) unless running `pools` are passed in.
     """
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False  # fescale shows one bar in prompts, not one per operator
-    ctx.print_on_execution_start = False
     with contextlib.ExitStack() as stack:
         if pools is None:
             stage_actors = (1 + (finish is not None)) * cfg.pipeline.stage_actors
@@ -125,7 +123,12 @@ def run_stream(
             stage, batch_size = finish
             ds = ds.map_batches(**stage, batch_size=batch_size, batch_format="numpy", num_cpus=cfg.pipeline.stage_num_cpus,
                                 compute=ray.data.ActorPoolStrategy(size=cfg.pipeline.stage_actors))  # fmt: skip
-        with tqdm(total=total, desc=f"fescale {cfg.mode}", unit="prompt", disable=not progress) as bar:
+        # fescale shows one bar in prompts, not Ray Data's per operator (nor, off a terminal, its log
+        # lines every 10 s). On the dataset's own context: a dataset keeps the one it was made with.
+        ds.context.enable_progress_bars = False
+        ds.context.print_on_execution_start = False
+        # A bar only on a terminal: job logs (`ray job submit`, a file) get the summary, not bar redraws.
+        with tqdm(total=total, desc=f"fescale {cfg.mode}", unit="prompt", disable=not progress or not sys.stderr.isatty()) as bar:
             for batch in _surface_fescale_errors(ds.iter_batches(batch_size=None, batch_format="numpy")):
                 bar.update(on_batch(batch))
         summary.faults(pools.fault_counts())
