@@ -15,7 +15,12 @@ Rows, all in one run:
   replica) is counted, not retried, and the client sends its next;
 - **cancellation**: `--cancel-clients` clients send requests the stub holds for `--slow-s` seconds
   and disconnect after `--cancel-after-s`; the pool's `cancelled` count (GET /health with the API
-  key) must grow by one per client, long before the stub would have answered.
+  key) must grow by one per client, long before the stub would have answered;
+- **mixed**: the clients at once, each request in turn greedy, feedback_edit, a hostile body
+  (`HOSTILE`) or a slow one it leaves after 0.5 s: every answer must be a 200, 4xx, 503 or 504 (no
+  other 5xx), none may hang (a request unanswered after 120 s counts as hanging), every left request's
+  model calls must stop, and the replicas' memory (RSS of the pool and ingress processes) must not
+  grow beyond noise.
 
     python -m benchmarks.serve_load            # 200 clients x 5 requests per mode
     python -m benchmarks.serve_load --quick    # 200 clients x 2 requests per mode
@@ -146,6 +151,67 @@ async def cancellation(base: str, clients: int, after_s: float, wait_s: float) -
     return {"clients": clients, "cancelled": stopped, "seconds_to_stop": round(time.perf_counter() - left, 2)}
 
 
+# Bodies a client may send by mistake or on purpose; each must get a 4xx before any work.
+HOSTILE = [
+    b'{"messages": [',
+    b"[" * 5000,
+    b'{"messages": [{"role": "user", "content": "hi \\ud800"}]}',
+    b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": ' + b"9" * 5000 + b"}",
+    b'{"messages": [{"role": "user", "content": "hi"}], "fescale": {"num_responses": 100000}}',
+    b'{"messages": [{"role": "user", "content": "caf\xe9"}]}',
+]
+MIXED = ("greedy", "feedback_edit", "hostile", "leaves")
+
+
+async def mixed(base: str, clients: int, requests: int) -> dict:
+    """`clients` clients at once, each sending `requests` requests of the four `MIXED` kinds in turn."""
+    url, headers = f"{base}/v1/chat/completions", {"Authorization": f"Bearer {API_KEY}", "content-type": "application/json"}
+    before_cancelled = await pools_cancelled(base)
+    before_rss = await server_rss(base)
+    statuses: dict[str, int] = {}
+    left = 0
+
+    async def client(http: httpx.AsyncClient, k: int) -> None:
+        nonlocal left
+        for j in range(requests):
+            kind = MIXED[(k + j) % len(MIXED)]
+            body = {"messages": [{"role": "user", "content": PROMPT + (f" {SLOW}" if kind == "leaves" else "")}], "fescale": {"mode": "feedback_edit" if kind == "feedback_edit" else "greedy"}}
+            content = HOSTILE[(k + j) % len(HOSTILE)] if kind == "hostile" else json.dumps(body).encode()
+            try:
+                post = http.post(url, content=content, headers=headers, timeout=120)
+                status = str((await (asyncio.wait_for(post, 0.5) if kind == "leaves" else post)).status_code)
+            except asyncio.TimeoutError:
+                status, left = "left", left + 1
+            except httpx.TimeoutException:
+                status = "hanging"
+            except httpx.HTTPError:
+                status = "no answer"
+            statuses[status] = statuses.get(status, 0) + 1
+
+    started = time.perf_counter()
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=clients + 8)) as http:
+        await asyncio.gather(*(client(http, k) for k in range(clients)))
+    seconds = time.perf_counter() - started
+    await asyncio.sleep(2.0)  # the last leavers' cancels reach their replica
+    return {
+        "sent": clients * requests, "seconds": round(seconds, 1), "statuses": statuses, "left": left,
+        "cancelled": await pools_cancelled(base) - before_cancelled,
+        "server_5xx": sum(v for k, v in statuses.items() if k.isdigit() and int(k) >= 500 and k not in ("503", "504")),
+        "rss_mb": (before_rss, await server_rss(base)),
+    }
+
+
+async def server_rss(base: str) -> float:
+    """MB resident in the pools' model replicas and the Serve ingress and pools processes."""
+    import psutil
+
+    async with httpx.AsyncClient(timeout=30) as http:
+        pools = (await http.get(f"{base}/health", headers={"Authorization": f"Bearer {API_KEY}"})).json()["pools"]
+    pids = {pid for p in pools.values() for pid in p["pids"]}
+    pids |= {p.pid for p in psutil.process_iter(["cmdline"]) if any(name in " ".join(p.info["cmdline"] or []) for name in ("FescaleAPI", "FescalePools"))}
+    return round(sum(psutil.Process(pid).memory_info().rss for pid in pids if psutil.pid_exists(pid)) / 1e6, 1)
+
+
 def start_server(stub_url: str, port: int, clients: int) -> None:
     """The app as `fescale serve --config feedback_edit` starts it, every role on the stub endpoint."""
     from engine.config import load_config
@@ -175,6 +241,16 @@ def row(label: str, o: Outcome) -> dict:
         "p99_s": round(percentile(ok, 0.99), 3),
         "statuses": o.statuses,  # `other` in detail: 0 is no HTTP answer at all
     }
+
+
+def mixed_table(m: dict, clients: int) -> str:
+    """The mixed row: what every answer was, whether any hung or failed with a 5xx of ours, memory."""
+    shown = ", ".join(f"{k}: {v}" for k, v in sorted(m["statuses"].items()))
+    return "\n".join([
+        f"| mixed, {clients} clients ({', '.join(MIXED)} in turn) | sent | answers | 5xx other than 503/504 | hanging | left, their calls stopped | server RSS before -> after |",
+        "|---|---|---|---|---|---|---|",
+        f"| {m['seconds']} s | {m['sent']} | {shown} | {m['server_5xx']} | {m['statuses'].get('hanging', 0)} | {m['left']}, {m['cancelled']} | {m['rss_mb'][0]} -> {m['rss_mb'][1]} MB |",
+    ])
 
 
 def table(rows: list[dict], cancel: dict, ratio: float, clients: int) -> str:
@@ -209,6 +285,7 @@ def run(clients: int, requests: int, cancel_clients: int, cancel_after_s: float,
             row("fescale feedback_edit (N=2, M=3, E=2, K=1)", asyncio.run(load(f"{base}/v1/chat/completions", {**greedy, "fescale": {"mode": "feedback_edit"}}, clients, requests, headers))),
         ]
         cancel = {**asyncio.run(cancellation(base, cancel_clients, cancel_after_s, wait_s=min(slow_s, 60))), "after_s": cancel_after_s, "slow_s": slow_s}
+        mix = asyncio.run(mixed(base, clients, max(requests, len(MIXED))))
     finally:
         import ray
         from ray import serve
@@ -217,7 +294,7 @@ def run(clients: int, requests: int, cancel_clients: int, cancel_after_s: float,
             serve.shutdown()
         stub.close()
     ratio = round(rows[1]["ok_per_s"] / rows[0]["ok_per_s"], 3)
-    return {"rows": rows, "cancel": cancel, "ratio": ratio, "stub_calls": stub.calls}
+    return {"rows": rows, "cancel": cancel, "mixed": mix, "ratio": ratio, "stub_calls": stub.calls}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -239,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{time.monotonic() - started:.0f} s in all on 2 shared cores (clients, stub, Ray and Serve in one box); "
         f"{result['stub_calls']} stub calls. A 503 is counted and not retried; latencies are of the 200s."
     )
-    record(args.output, "benchmarks.serve_load", argv, table(result["rows"], result["cancel"], result["ratio"], args.clients), note, result, "fescale_greedy_over_raw", result["ratio"])
+    record(args.output, "benchmarks.serve_load", argv, table(result["rows"], result["cancel"], result["ratio"], args.clients) + "\n\n" + mixed_table(result["mixed"], args.clients), note, result, "fescale_greedy_over_raw", result["ratio"])
     return 0
 
 

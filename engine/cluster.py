@@ -15,6 +15,12 @@ import os
 import ray
 
 log = logging.getLogger("fescale")
+# A new local cluster turns Ray's token auth on and says so as a WARNING on every run, which users
+# read as a failure. Auth stays on (RAY_AUTH_MODE=token explicitly is not the same: then Ray does not
+# make the token a new cluster needs); only that one notice is dropped.
+logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
+    lambda record: not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
+)
 
 
 def connect(address: str | None, reserved_cpus: float, *, metrics_port: int | None = None) -> None:

@@ -20,3 +20,7 @@ def test_serve_load_core_runs_on_a_tiny_scale(ray_session):
     assert result["ratio"] > 0
     assert result["cancel"]["cancelled"] >= 3, result["cancel"]  # every abandoned call stopped, not held 30 s
     assert "cancellation" in table(result["rows"], result["cancel"], result["ratio"], 6)
+    mix = result["mixed"]  # greedy, feedback_edit, hostile bodies and leavers at once
+    assert mix["server_5xx"] == 0 and "hanging" not in mix["statuses"] and "no answer" not in mix["statuses"], mix
+    assert set(mix["statuses"]) <= {"200", "400", "413", "503", "504", "left"} and mix["statuses"]["400"] == 6, mix
+    assert mix["left"] == 6 and mix["cancelled"] >= 1, mix
