@@ -6,6 +6,9 @@ request of each kind, and the ratios ITS / greedy. When the latency ratio is wel
 ratio, the fan-out inside a request (N responses in one call, all feedback at once, all edits at
 once) runs in parallel instead of one call after another.
 
+A third request per prompt is the greedy one streamed: its time to the first piece of the answer
+(TTFT: greedy streams the generator's tokens as they are decoded) against its time to the end.
+
     python -m benchmarks.serve_latency                          # starts the app on the embedded model
     python -m benchmarks.serve_latency --url http://host:8000   # against a running `fescale serve`
 """
@@ -36,6 +39,20 @@ async def measure(url: str, messages: list[list[dict]], knobs: dict, api_key: st
     gate = asyncio.Semaphore(concurrency)
     kinds = {"greedy": {"mode": "greedy"}, "its": knobs}
 
+    async def streamed(client: httpx.AsyncClient, conv: list[dict]) -> dict:
+        async with gate:
+            started, first = time.perf_counter(), None
+            body = {"messages": conv, "stream": True, "stream_options": {"include_usage": True}, "fescale": {"mode": "greedy"}}
+            async with client.stream("POST", f"{url}/v1/chat/completions", json=body, headers=headers) as r:
+                r.raise_for_status()
+                async for line in r.aiter_lines():
+                    if first is None and '"content": "' in line and '"content": ""' not in line:
+                        first = time.perf_counter() - started
+                    if '"usage": {' in line:
+                        usage = json.loads(line.removeprefix("data: "))["usage"]
+            seconds = time.perf_counter() - started
+        return {"kind": "streamed", "seconds": seconds, "ttft": first, "tokens": usage["total_tokens"], "completion_tokens": usage["completion_tokens"]}
+
     async def one(client: httpx.AsyncClient, kind: str, conv: list[dict]) -> dict:
         async with gate:
             started = time.perf_counter()
@@ -46,7 +63,7 @@ async def measure(url: str, messages: list[list[dict]], knobs: dict, api_key: st
         return {"kind": kind, "seconds": seconds, "tokens": usage["total_tokens"], "completion_tokens": usage["completion_tokens"]}
 
     async with httpx.AsyncClient(timeout=3600) as client:
-        jobs = [one(client, kind, conv) for conv in messages for kind in ("greedy", "its")]
+        jobs = [job for conv in messages for job in (one(client, "greedy", conv), one(client, "its", conv), streamed(client, conv))]
         return await asyncio.gather(*jobs)
 
 
@@ -62,7 +79,10 @@ def report(records: list[dict], its_label: str) -> tuple[str, dict]:
             "tokens": round(statistics.mean(r["tokens"] for r in rows)),
             "completion_tokens": round(statistics.mean(r["completion_tokens"] for r in rows)),
         }
-    g, i = stats["greedy"], stats["its"]
+    streams = [r for r in records if r["kind"] == "streamed"]
+    ttft = [r["ttft"] for r in streams if r["ttft"] is not None]
+    stats["streamed"] = {"requests": len(streams), "ttft_p50_s": round(statistics.median(ttft), 2), "p50_s": round(statistics.median(r["seconds"] for r in streams), 2)}
+    g, i, st = stats["greedy"], stats["its"], stats["streamed"]
     ratio = {k: round(i[k] / g[k], 1) for k in ("p50_s", "p95_s", "tokens", "completion_tokens")}
     lines = [
         "| requests | n | p50 latency | p95 latency | tokens / request (all stages) | generated tokens / request |",
@@ -70,6 +90,10 @@ def report(records: list[dict], its_label: str) -> tuple[str, dict]:
         f"| greedy | {g['requests']} | {g['p50_s']} s | {g['p95_s']} s | {g['tokens']} | {g['completion_tokens']} |",
         f"| {its_label} | {i['requests']} | {i['p50_s']} s | {i['p95_s']} s | {i['tokens']} | {i['completion_tokens']} |",
         f"| **ITS / greedy** | | **{ratio['p50_s']}x** | **{ratio['p95_s']}x** | **{ratio['tokens']}x** | **{ratio['completion_tokens']}x** |",
+        "",
+        "| greedy, streamed | n | time to first token p50 | time to the end p50 | first / end |",
+        "|---|---|---|---|---|",
+        f"| | {st['requests']} | {st['ttft_p50_s']} s | {st['p50_s']} s | {round(st['ttft_p50_s'] / st['p50_s'], 2)} |",
     ]
     return "\n".join(lines), {"stats": stats, "ratio": ratio}
 

@@ -39,6 +39,10 @@ class Startup(threading.Thread):
         super().__init__(name="fescale-serve-startup", daemon=True)
         self.connect, self.start_app, self.stopping, self.wake = connect, start, stopping, wake
         self.lock = threading.Lock()  # orders "start the app" against "a stop came": one of them sees the other
+        # Ray starts a local cluster's processes with PR_SET_PDEATHSIG, which Linux fires when the
+        # *thread* that started them ends: this thread must outlive the cluster, so it ends only
+        # once the main thread has shut Ray down and sets `release`.
+        self.release = threading.Event()
         self.connected = self.app_started = self.done = False
         self.url: str | None = None
         self.error: BaseException | None = None
@@ -58,6 +62,7 @@ class Startup(threading.Thread):
         finally:
             self.done = True
             self.wake.set()
+            self.release.wait()
 
 
 def serve_until_stopped(connect: Callable[[], None], start: Callable[[], str], on_ready: Callable[[str], None], shutdown: Callable[[], None]) -> str:
@@ -102,6 +107,9 @@ def serve_until_stopped(connect: Callable[[], None], start: Callable[[], str], o
         if app_started and ray.is_initialized():
             shutdown()
     finally:
+        if startup.connected:
+            ray.shutdown()  # while the start-up thread lives: its end kills a local cluster's processes
+        startup.release.set()
         startup.join(timeout=30)  # serve.run, if it was still waiting, ends once the app is gone
     if not received and startup.error is not None:
         raise startup.error
@@ -109,11 +117,10 @@ def serve_until_stopped(connect: Callable[[], None], start: Callable[[], str], o
 
 
 def exit_now(code: int) -> NoReturn:
-    """Shut Ray down (a local cluster stops) and end the process at once, without the interpreter's
-    teardown. Why: a driver whose cluster is shut down just after it connected (a SIGTERM during
-    `ray.init`, on a loaded machine) can keep a call to the killed GCS in flight in the core worker's
-    io thread, which hangs the exit for 60 s and then ends the process with status 1 (seen in
-    tests/test_serve_cli.py). Everything fescale started is stopped by now; nothing is left to tear down."""
+    """Shut Ray down (a no-op when `serve_until_stopped` did) and end the process at once, without the
+    interpreter's teardown: everything fescale started is stopped by now. (A 60 s hang and exit 1
+    with "Failed to connect to GCS" seen before came from the start-up thread ending first and the
+    kernel killing the local cluster under the driver, see `Startup.release`.)"""
     ray.shutdown()
     logging.shutdown()
     sys.stdout.flush()
