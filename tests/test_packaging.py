@@ -11,7 +11,6 @@ import ast
 import sys
 import tomllib
 from importlib.metadata import PackageNotFoundError, packages_distributions, version
-from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
