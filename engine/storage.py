@@ -206,6 +206,21 @@ def listing(loc: Location) -> list[tuple[str, int]]:
     return sorted((info.base_name, info.size) for info in found if info.type == pafs.FileType.File)
 
 
+def tree(loc: Location) -> list[str]:
+    """Paths of all files under a folder or prefix, relative to it, sorted; empty if it is missing."""
+    with _mapped(loc):
+        found = loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=True, allow_not_found=True))
+    root = loc.path.rstrip("/") + "/"
+    return sorted(info.path.removeprefix(root) for info in found if info.type == pafs.FileType.File)
+
+
+def upload_dir(local: str, loc: Location) -> None:
+    """Copy a local folder's files to a folder or prefix, overwriting files of the same name."""
+    ensure_dir(loc)
+    with _mapped(loc):
+        pafs.copy_files(local, loc.path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=loc.fs)
+
+
 def delete(loc: Location) -> None:
     """Delete one file; one already gone is fine (a resume may redo a delete that a kill cut short)."""
     with _mapped(loc):

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -34,7 +35,7 @@ def records(out, kind="train"):
 
 def run_stage(stage, model, out, *sets):
     cfg = load_train_config(stage, stage, [*FAST, f"model={model}", f"output_dir={out}", *sets])
-    return train(cfg)
+    return Path(train(cfg))
 
 
 @pytest.fixture(scope="module")

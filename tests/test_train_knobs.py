@@ -6,17 +6,19 @@ packed, checkpointed edit-sft through Ray Train + DeepSpeed and resumes it.
 """
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from actors.errors import ConfigError
 from conftest import SHARED
+from engine import storage
 from train import resume
 from train.config import load_train_config
 from train.loop import configure_model
+from train.outputs import replace_folder
 from train.resume import check_resume, fingerprint
-from train.runner import replace_folder
 from train.sft import SFTTask, collate
 from train.tokens import IGNORE, pack_sft
 
@@ -121,7 +123,7 @@ def test_resuming_with_a_changed_training_key_is_refused_by_name_unless_forced(m
 
 
 def test_no_checkpoint_or_one_without_a_fingerprint_resumes_unchecked(monkeypatch, tmp_path):
-    check_resume(cfg(), tmp_path / "no-run-yet")
+    check_resume(cfg(), storage.resolve(str(tmp_path / "no-run-yet")))
     monkeypatch.setattr(resume, "latest_state", lambda run_dir: {"step": 2})
     check_resume(cfg("optim.lr=2e-3"), tmp_path)
 
@@ -176,9 +178,9 @@ def test_a_packed_checkpointed_run_trains_and_resumes_only_with_its_config(ray_s
     sets = [f"data.dir={FIXTURES}", f"model={tiny_model}", f"output_dir={out}", "data.max_seq_len=512", "data.packing=true",
             "gradient_checkpointing=true", "attn_implementation=eager", "optim.global_batch_size=2", "optim.micro_batch_size=1",
             "optim.lr=1e-3", "optim.warmup_steps=1", "resources.max_failures=0", "checkpoint_every=2"]
-    model = train(load_train_config("edit-sft", "edit-sft", [*sets, "optim.max_steps=2"]))
+    model = Path(train(load_train_config("edit-sft", "edit-sft", [*sets, "optim.max_steps=2"])))
     assert json.loads((model / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
-    assert resume.latest_state(out / "ray" / "edit-sft")["config"]["data.packing"] is True
+    assert resume.latest_state(storage.resolve(str(out / "ray" / "edit-sft")))["config"]["data.packing"] is True
     with pytest.raises(ConfigError, match=r"optim.lr \(0.001 -> 0.002\)"):
         train(load_train_config("edit-sft", "edit-sft", [*sets, "optim.max_steps=3", "optim.lr=2e-3"]))
     train(load_train_config("edit-sft", "edit-sft", [*sets, "optim.max_steps=3", "optim.lr=2e-3", "resume=force"]))

@@ -19,6 +19,7 @@ import torch
 from conftest import SHARED
 from train.config import load_train_config
 from train.loop import TaskBase
+from train.outputs import RunOutput
 from train.prepare import Drops
 from train.recipe import Recipe
 from train.runner import Prepared, fit
@@ -62,6 +63,7 @@ class ProbeTask(TaskBase):
     def after_step(self, engine, step):
         self._write({"kind": "step", "step": step, "ids": self.pending})
         self.pending = []
+        return {}
 
     def evaluate(self, engine):
         ids = [it["id"] for batch in self.validation.batches(2) for it in batch]
@@ -98,7 +100,7 @@ def test_each_worker_reads_only_its_part_of_every_step_and_its_validation_share(
     cfg = config(tmp_path, f"model={tiny_model}")
     prepared = Prepared(TRAIN, VALIDATION, {}, Drops())
     plan = [items for _, items in RECIPE.schedule(cfg, TRAIN, 4)]  # 2 steps per epoch (9 // 4): epochs 0 and 1
-    assert fit(cfg, RECIPE, prepared, 3, {}, tmp_path).checkpoint is not None
+    assert fit(cfg, RECIPE, prepared, 3, {}, RunOutput.of(str(tmp_path))).checkpoint is not None
     for rank in (0, 1):
         mine = [[it["id"] for it in step[rank * 2 : rank * 2 + 2]] for step in plan]
         steps = seen(tmp_path, rank, "step")
@@ -112,7 +114,7 @@ def test_each_worker_reads_only_its_part_of_every_step_and_its_validation_share(
     assert Counter(passes[0] + passes[1]) == Counter(it["id"] for it in VALIDATION)  # every item once across workers
 
     # the same command with one more step resumes from step 3's checkpoint and trains planned step 4 only
-    fit(cfg, RECIPE, prepared, 4, {}, tmp_path)
+    fit(cfg, RECIPE, prepared, 4, {}, RunOutput.of(str(tmp_path)))
     for rank in (0, 1):
         last = seen(tmp_path, rank, "step")[3:]
         assert [(s["step"], s["ids"]) for s in last] == [(4, [it["id"] for it in plan[3][rank * 2 : rank * 2 + 2]])]

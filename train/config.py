@@ -81,7 +81,7 @@ class RLOOConfig(StrictModel):
 class TrainConfig(StrictModel):
     stage: Stage
     model: str = Field(description="starting model: 'embedded', a HF folder, or an earlier stage's output")
-    output_dir: str = Field(description="checkpoints, metrics.jsonl, data_report.json and the final model/")
+    output_dir: str = Field(description="a local folder or a URI (s3://, gs://, ...): checkpoints, metrics.jsonl, data_report.json and the final model/")
     seed: int = 0
     data: DataConfig = Field(default_factory=DataConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)

@@ -38,6 +38,7 @@ import torch.distributed as dist
 
 from actors.errors import FescaleError
 from train.config import TrainConfig
+from train.outputs import EVENTS, METRICS, RunOutput
 from train.resume import fingerprint
 
 
@@ -99,7 +100,8 @@ class Task(Protocol):
     def evaluate(self, engine) -> dict[str, tuple[float, float]]:
         """Validation metrics of this rank's share as (sum, weight); the loop adds them over ranks."""
 
-    def after_step(self, engine, step: int) -> None: ...
+    def after_step(self, engine, step: int) -> dict[str, float]:
+        """Work between optimizer steps (RLOO: the weight sync); metrics of it for the step's record."""
 
 
 class TaskBase:
@@ -121,8 +123,8 @@ class TaskBase:
         attn = self.cfg.attn_implementation
         return {"dtype": self.dtype, **({"attn_implementation": attn} if attn else {})}
 
-    def after_step(self, engine, step: int) -> None:
-        return None
+    def after_step(self, engine, step: int) -> dict[str, float]:
+        return {}
 
 
 def deepspeed_config(cfg: TrainConfig, items_per_step: int, world: int) -> dict:
@@ -175,7 +177,7 @@ def warmup_then_constant(optimizer, warmup_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, step / warmup_steps) if warmup_steps else 1.0)
 
 
-def run(cfg: TrainConfig, task: Task, items_per_step: int, total_steps: int, tokenizer) -> None:
+def run(cfg: TrainConfig, task: Task, items_per_step: int, total_steps: int, tokenizer, output: RunOutput) -> None:
     """The loop on one Ray Train worker."""
     import deepspeed
 
@@ -192,8 +194,7 @@ def run(cfg: TrainConfig, task: Task, items_per_step: int, total_steps: int, tok
         lr_scheduler=lambda optimizer: warmup_then_constant(optimizer, cfg.optim.warmup_steps),
     )
     start = _resume(engine)
-    out = Path(cfg.output_dir)
-    log = _Log(out, rank, start)
+    log = _Log(output, rank, start)
     if start:
         log.write({"step": start}, total_steps, kind="resume")  # "resume step 4/10": continues after step 4
     per_worker = items_per_step // world
@@ -210,15 +211,17 @@ def run(cfg: TrainConfig, task: Task, items_per_step: int, total_steps: int, tok
             for k, v in {"loss": float(loss.detach()), **metrics}.items():
                 sums[k] = sums.get(k, 0.0) + v
         step = index + 1
-        task.after_step(engine, step)
+        extra = task.after_step(engine, step)
+        seconds = time.perf_counter() - tic
         record = {k: _mean_over_ranks(v / (per_worker // micro)) for k, v in sums.items()}
-        record.update(step=step, epoch=epoch, lr=lr, tokens_per_s=_sum_over_ranks(tokens) / (time.perf_counter() - tic))
+        record.update(step=step, epoch=epoch, lr=lr, tokens_per_s=_sum_over_ranks(tokens) / seconds, step_s=seconds, **extra)
         if step % cfg.log_every == 0 or step == total_steps:
             log.write(record, total_steps)
         if step % cfg.checkpoint_every == 0 or step == total_steps:
             metrics = {k: _sum_over_ranks(total) / max(_sum_over_ranks(weight), 1e-12) for k, (total, weight) in task.evaluate(engine).items()}
             log.write({"step": step, **metrics}, total_steps, kind="validation")
             _checkpoint(engine, tokenizer, rank, {"step": step, **metrics}, fingerprint(cfg))
+            log.push()
     log.close()
 
 
@@ -262,15 +265,16 @@ def _merge(base: dict, extra: dict) -> dict:
 
 
 class _Log:
-    """Rank 0 writes metrics.jsonl, TensorBoard (when installed) and one readable line per record."""
+    """Rank 0 writes metrics.jsonl, TensorBoard (when installed) and one readable line per record,
+    into the run's staging folder (train/outputs.py: the output itself when local), uploaded by `push`."""
 
-    def __init__(self, out: Path, rank: int, start: int):
-        self.rank = rank
+    def __init__(self, output: RunOutput, rank: int, start: int):
+        self.rank, self.output = rank, output
         self.file = self.tb = None
         if rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
-            self.file = open(out / "metrics.jsonl", "a")
-            self.tb = _tensorboard(out / "tensorboard")
+            self.staged = output.staging()
+            self.file = open(self.staged / METRICS, "a")
+            self.tb = _tensorboard(self.staged / EVENTS)
         self.started = time.monotonic()
 
     def write(self, record: dict, total: int, kind: str = "train") -> None:
@@ -285,7 +289,15 @@ class _Log:
         shown = "  ".join(f"{k} {_fmt(v)}" for k, v in record.items() if k not in ("step", "epoch"))
         print(f"[fescale train] {kind} step {record['step']}/{total}  {shown}", flush=True)
 
+    def push(self) -> None:
+        if self.rank != 0:
+            return
+        if self.tb is not None:
+            self.tb.flush()
+        self.output.push(self.staged)
+
     def close(self) -> None:
+        self.push()
         if self.file is not None:
             self.file.close()
         if self.tb is not None:

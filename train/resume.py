@@ -23,7 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from actors.errors import ConfigError
+from engine import storage
 from engine.config_kit import short
+from engine.storage import Location
 from train.config import TrainConfig
 
 NEUTRAL_KEYS = frozenset({
@@ -47,7 +49,7 @@ def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     ]
 
 
-def check_resume(cfg: TrainConfig, run_dir: Path) -> None:
+def check_resume(cfg: TrainConfig, run_dir: Location) -> None:
     """Refuse to resume the latest checkpoint under `run_dir` with a config that changes training."""
     state = latest_state(run_dir)
     if state is None or "config" not in state:  # nothing to resume, or a checkpoint from before fingerprints
@@ -65,14 +67,14 @@ def check_resume(cfg: TrainConfig, run_dir: Path) -> None:
     )
 
 
-def latest_state(run_dir: Path) -> dict | None:
+def latest_state(run_dir: Location) -> dict | None:
     """`state.json` of the checkpoint Ray Train would resume from (its latest), or None if it has none."""
     import ray.train
 
-    if not run_dir.is_dir():
+    if not storage.exists(run_dir):
         return None
     try:
-        checkpoint = ray.train.Result.from_path(str(run_dir)).checkpoint
+        checkpoint = ray.train.Result.from_path(run_dir.path, storage_filesystem=run_dir.fs).checkpoint
     except RuntimeError:  # a run folder whose first checkpoint was never registered
         return None
     if checkpoint is None:

@@ -17,6 +17,7 @@ for the whole run.
 from __future__ import annotations
 
 import asyncio
+import time
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -89,8 +90,10 @@ class RLOOTask(TaskBase):
             total, count = total + float(scores.sum()), count + len(scores)
         return {"val_reward": (total, count)}
 
-    def after_step(self, engine, step: int) -> None:
-        """Push the updated policy into every rollout replica before anyone samples again."""
+    def after_step(self, engine, step: int) -> dict[str, float]:
+        """Push the updated policy into every rollout replica before anyone samples again; `sync_s`
+        (the step's record) is what that costs, set against `step_s` in the README."""
+        tic = time.perf_counter()
         zero3 = engine.zero_optimization_stage() == 3
         state = engine._zero3_consolidated_16bit_state_dict() if zero3 else engine.module.state_dict()
         if ray.train.get_context().get_world_rank() == 0:
@@ -98,6 +101,7 @@ class RLOOTask(TaskBase):
             ray.get([replica.call.remote("update_weights", ref) for replica in self.replicas])
         if dist.is_initialized():
             dist.barrier()
+        return {"sync_s": time.perf_counter() - tic}
 
 
 class RLOORecipe(Recipe):

@@ -7,20 +7,18 @@
 The same for every stage: what differs (data preparation, step size, the Task each worker runs and
 what runs beside the workers) is the stage's recipe, `train.stages.RECIPES[cfg.stage]`.
 
-Everything a run writes lives under `output_dir`: `data_report.json`, `metrics.jsonl`, `tensorboard/`,
-`ray/<stage>/` (Ray Train's checkpoints; rerunning the same command after a crash or a kill resumes
-from the latest one, and a config that changes training since then is refused: train/resume.py) and
-`model/`, the best checkpoint as a plain Hugging Face folder, which appears only once complete.
+Everything a run writes lives under `output_dir`, a local folder or a URI such as s3://bucket/run
+(train/outputs.py): `data_report.json`, `metrics.jsonl`, `tensorboard/`, `ray/<stage>/` (Ray Train's
+checkpoints; rerunning the same command after a crash or a kill resumes from the latest one, and a
+config that changes training since then is refused: train/resume.py) and `model/`, the best
+checkpoint as a plain Hugging Face folder, which appears only once complete.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import pickle
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +32,7 @@ from engine.cluster import connect
 from train import prepare
 from train.config import TrainConfig
 from train.loop import shard_name
+from train.outputs import RunOutput
 from train.recipe import Recipe, Sources
 from train.resume import check_resume
 from train.stages import RECIPES
@@ -82,7 +81,7 @@ def _worker(config: dict) -> None:
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(cfg.model))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     task = recipe.task(cfg, *loop.worker_shards(), pad_id, **config["extras"])
-    loop.run(cfg, task, recipe.items_per_step(cfg), config["total_steps"], tokenizer)
+    loop.run(cfg, task, recipe.items_per_step(cfg), config["total_steps"], tokenizer, config["output"])
 
 
 def shard_datasets(cfg: TrainConfig, recipe: Recipe, prepared: Prepared, total: int) -> dict[str, ray.data.Dataset]:
@@ -115,19 +114,19 @@ def shard_datasets(cfg: TrainConfig, recipe: Recipe, prepared: Prepared, total: 
     return datasets
 
 
-def train(cfg: TrainConfig, dry_run: bool = False) -> Path | None:
-    """Prepare, report, train; returns the final model folder (None for a dry run: data report only)."""
+def train(cfg: TrainConfig, dry_run: bool = False) -> str | None:
+    """Prepare, report, train; returns the final model folder's path or URI (None for a dry run: data
+    report only)."""
     from transformers import AutoTokenizer
 
-    out = Path(cfg.output_dir).resolve()
+    out = RunOutput.of(cfg.output_dir)  # a bad location fails here, before any work
     recipe = RECIPES[cfg.stage]
     model_path = resolve_model(cfg.model, key="model")
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     prepared = prepare_stage(cfg, ChatFormatter(tokenizer, cfg.data.max_seq_len))
     report = prepared.report(cfg)
     print_report(report)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "data_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    out.write_text("data_report.json", json.dumps(report, indent=2) + "\n")
     per_step = recipe.items_per_step(cfg)
     steps_per_epoch = recipe.steps_per_epoch(cfg, prepared.train)
     total = steps_per_epoch * cfg.optim.epochs
@@ -139,7 +138,7 @@ def train(cfg: TrainConfig, dry_run: bool = False) -> Path | None:
     if not prepared.validation:
         raise ConfigError(f"{cfg.stage}: no validation items after preparation; add a validation file or more rows")
     print(f"{cfg.stage}: {total} optimizer steps of {per_step} items ({steps_per_epoch} per epoch), lr {cfg.lr:g}", flush=True)
-    check_resume(cfg, out / "ray" / cfg.stage)
+    check_resume(cfg, out.checkpoints(cfg.stage))
     if dry_run:
         return None
     r = cfg.resources
@@ -150,7 +149,7 @@ def train(cfg: TrainConfig, dry_run: bool = False) -> Path | None:
     return _export_best(result, out)
 
 
-def fit(cfg: TrainConfig, recipe: Recipe, prepared: Prepared, total: int, extras: dict, out: Path):
+def fit(cfg: TrainConfig, recipe: Recipe, prepared: Prepared, total: int, extras: dict, out: RunOutput):
     """Train `recipe` on Ray Train workers, each reading its shards (`shard_datasets`); Ray Train's result.
 
     The shards are not split again by Ray Train (`datasets_to_split=[]`: each worker asks only for its
@@ -168,14 +167,15 @@ def fit(cfg: TrainConfig, recipe: Recipe, prepared: Prepared, total: int, extras
     task = recipe.task
     trainer = TorchTrainer(
         _worker,
-        train_loop_config={"cfg": cfg.model_dump(), "recipe": recipe, "total_steps": total, "extras": extras},
+        train_loop_config={"cfg": cfg.model_dump(), "recipe": recipe, "total_steps": total, "extras": extras, "output": out},
         datasets=shard_datasets(cfg, recipe, prepared, total),
         dataset_config=DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
         torch_config=TorchConfig(backend="nccl" if r.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu, resources_per_worker={"CPU": r.cpus_per_worker}),
         run_config=RunConfig(
             name=cfg.stage,
-            storage_path=str(out / "ray"),
+            storage_path=out.loc.join("ray").path,
+            storage_filesystem=out.loc.fs,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints, checkpoint_score_attribute=task.metric, checkpoint_score_order=task.mode),
             failure_config=FailureConfig(max_failures=cfg.resources.max_failures),
             worker_runtime_env={"env_vars": env},
@@ -187,35 +187,13 @@ def fit(cfg: TrainConfig, recipe: Recipe, prepared: Prepared, total: int, extras
         raise BackendError(f"{cfg.stage} failed on a training worker (after {cfg.resources.max_failures} restarts): {last_line(e)}") from None
 
 
-def _export_best(result, out: Path) -> Path:
-    """Copy the best checkpoint's model/ to OUTPUT/model (what the engine and the next stage load)."""
+def _export_best(result, out: RunOutput) -> str:
+    """Publish the best checkpoint's model/ as OUTPUT/model (what the engine and the next stage load)."""
     best = result.best_checkpoints[0][0] if result.best_checkpoints else result.checkpoint
     if best is None:
-        raise ConfigError(f"training wrote no checkpoint under {out / 'ray'}")
-    final = out / "model"
+        raise ConfigError(f"training wrote no checkpoint under {out.loc.join('ray')}")
     with best.as_directory() as d:
-        replace_folder(Path(d) / "model", final)
+        final = out.publish_model(Path(d) / "model")
     metrics = result.best_checkpoints[0][1] if result.best_checkpoints else result.metrics
     print(f"best checkpoint: step {metrics.get('step')} ({', '.join(f'{k} {v:.4g}' for k, v in metrics.items() if k.startswith('val_'))}) -> {final}", flush=True)
-    return final
-
-
-def replace_folder(source: Path, final: Path) -> None:
-    """Copy `source` to `final` so that `final` is never a half-written folder.
-
-    A crash mid-copy must not leave a `model/` the engine or the next stage would load as complete:
-    the copy goes to a hidden `.model.partial-*` folder beside it and is renamed into place (a rename
-    is atomic on one filesystem). A crash between moving an earlier `final` aside and renaming the new
-    one leaves no `final` at all, never a wrong one. Partial folders a crash left are removed first.
-    """
-    partial = f".{final.name}.partial-"
-    for stale in final.parent.glob(partial + "*"):
-        shutil.rmtree(stale)
-    tmp = Path(tempfile.mkdtemp(prefix=partial, dir=final.parent))
-    tmp.chmod(0o755)  # mkdtemp's 0700 would make the renamed model unreadable to anyone else
-    shutil.copytree(source, tmp, dirs_exist_ok=True)
-    old = final.with_name(partial + "old")
-    if final.exists():
-        os.rename(final, old)
-    os.rename(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    return final.uri
