@@ -23,12 +23,15 @@ logging.getLogger("ray._private.authentication.authentication_token_setup").addF
 )
 
 
-def connect(address: str | None, reserved_cpus: float, *, metrics_port: int | None = None) -> None:
+def connect(address: str | None, reserved_cpus: float, *, metrics_port: int | None = None, dashboard: bool = False) -> None:
     """Join `address` (e.g. `auto`, or RAY_ADDRESS as `ray job submit` sets it), else start a fresh
     local cluster (even when a `ray start` cluster runs on this machine: `--address auto` joins it).
 
     `reserved_cpus`: what the job's actors reserve. `metrics_port` fixes where Prometheus scrapes
-    Ray's metrics on a local cluster."""
+    Ray's metrics on a local cluster. `dashboard` starts the dashboard with a local cluster: off by
+    default (processes and CPU a 2-core machine would take from the model), on for Ray Train, whose
+    placement-group cleaner asks the state API (a dashboard service) about its controller every
+    second, warns on every failure, and without it could never clean up after a dead controller."""
     if ray.is_initialized():
         return
     if address or os.environ.get("RAY_ADDRESS"):
@@ -39,7 +42,7 @@ def connect(address: str | None, reserved_cpus: float, *, metrics_port: int | No
         address="local",
         num_cpus=num_cpus,
         logging_level=logging.WARNING,
-        include_dashboard=False,
+        include_dashboard=dashboard,
         _metrics_export_port=metrics_port,
     )
     log.info("started a local Ray cluster with %d logical CPUs (%g reserved by the job's actors)", num_cpus, reserved_cpus)

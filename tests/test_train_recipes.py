@@ -52,6 +52,16 @@ def test_only_rloo_runs_something_beside_the_workers():
                 assert extras == {}
 
 
+@pytest.mark.parametrize("labels", [0, 2, 3])
+def test_rloo_refuses_a_reward_model_without_one_score_per_sequence(embedded_dir, tmp_path, labels):
+    """A causal LM has no scalar head (transformers gives it 2 fresh outputs): refused up front, not
+    as a tensor shape error in the first step on a training worker."""
+    rm = scalar_head(embedded_dir, tmp_path / "rm", labels)
+    cfg = load_train_config("edit-rloo", "edit-rloo", [f"data.dir={FIXTURES}", f"model={embedded_dir}", f"output_dir={tmp_path}", f"rloo.reward_model={rm}"])
+    with pytest.raises(ConfigError, match=rf"rloo.reward_model=.* has {labels} outputs per sequence; RLOO needs a reward model with one"):
+        run_training(cfg, dry_run=True)
+
+
 def test_rm_epochs_count_the_steps_of_distinct_tuples():
     cfg = load_train_config("edit-rm", "edit-rm", ["rm.tuples_per_step=4"])
     items = [{"id": i, "key": f"k{i % 5}"} for i in range(10)]  # 5 tuples, 2 edits each: 2 steps, not 10 // 4
@@ -59,10 +69,19 @@ def test_rm_epochs_count_the_steps_of_distinct_tuples():
     assert RECIPES["edit-sft"].steps_per_epoch(load_train_config("edit-sft", "edit-sft", ["optim.global_batch_size=4"]), items) == 2
 
 
+def scalar_head(embedded_dir, folder: Path, labels: int = 1) -> str:
+    """A model folder whose config.json says `labels` outputs per sequence (all a dry run reads of it)."""
+    config = json.loads((Path(embedded_dir) / "config.json").read_text())
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({**config, "id2label": {str(i): f"LABEL_{i}" for i in range(labels)}}))
+    return str(folder)
+
+
 @pytest.mark.parametrize("stage", ["feedback-sft", "edit-sft", "edit-rm", "edit-rloo"])
 def test_a_dry_run_prepares_reports_and_names_the_stages_batch_key(embedded_dir, tmp_path, capsys, stage):
     key = RECIPES[stage].batch_key
-    cfg = load_train_config(stage, stage, [f"data.dir={FIXTURES}", f"model={embedded_dir}", f"output_dir={tmp_path}", f"{key}=100000"])
+    rm = [f"rloo.reward_model={scalar_head(embedded_dir, tmp_path / 'rm')}"] if stage == "edit-rloo" else []
+    cfg = load_train_config(stage, stage, [f"data.dir={FIXTURES}", f"model={embedded_dir}", f"output_dir={tmp_path}", f"{key}=100000", *rm])
     with pytest.raises(ConfigError, match=rf"^{stage}: \d+ train items make no full step of 100000; lower {key} or add data$"):
         run_training(cfg, dry_run=True)
     assert capsys.readouterr().out.startswith(f"data for {stage}:\n")

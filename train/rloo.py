@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from actors.backend import ChatRequest, Sampling
 from actors.chat_format import ChatFormatter
+from actors.errors import ConfigError
 from actors.models import resolve_model
 from train import prepare
 from train.config import TrainConfig
@@ -104,9 +105,25 @@ class RLOOTask(TaskBase):
         return {"sync_s": time.perf_counter() - tic}
 
 
+def check_reward_model(cfg: TrainConfig) -> None:
+    """`rloo.reward_model` must give one score per sequence (a scalar head, as edit-rm writes); a model
+    with more outputs (a causal LM loaded with a fresh classification head has 2) fails otherwise
+    only inside the first step, on a training worker, as a tensor shape error."""
+    from transformers import AutoConfig
+
+    labels = AutoConfig.from_pretrained(resolve_model(cfg.rloo.reward_model, key="rloo.reward_model")).num_labels
+    if labels != 1:
+        raise ConfigError(
+            f"rloo.reward_model={cfg.rloo.reward_model} has {labels} outputs per sequence; RLOO needs a reward model "
+            "with one (a scalar head, as `fescale train edit-rm` writes)"
+        )
+
+
 class RLOORecipe(Recipe):
     def prepare(self, cfg: TrainConfig, fmt: ChatFormatter, sources: Sources) -> tuple[list, list]:
-        """Edit conversations, not token ids: the policy's edits of them are sampled during training."""
+        """Edit conversations, not token ids: the policy's edits of them are sampled during training.
+        The reward model is checked first, so that a wrong one stops the run before anything starts."""
+        check_reward_model(cfg)
         d = cfg.data
         return tuple(
             [{"id": t.id, "prompt": t.context} for t in prepare.edit_preferences(rows, sources.drops, d.domains, d.joiner)]

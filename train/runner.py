@@ -143,7 +143,7 @@ def train(cfg: TrainConfig, dry_run: bool = False) -> str | None:
         return None
     r = cfg.resources
     # Ray Train's controller needs a CPU slot besides the workers' and what the recipe starts.
-    connect(None, r.num_workers * r.cpus_per_worker + recipe.reserved_cpus(cfg) + 1)
+    connect(None, r.num_workers * r.cpus_per_worker + recipe.reserved_cpus(cfg) + 1, dashboard=True)
     with recipe.extras(cfg) as extras:
         result = fit(cfg, recipe, prepared, total, extras, out)
     return _export_best(result, out)
