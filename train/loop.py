@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import math
 import os
 import pickle
@@ -82,7 +83,11 @@ def shard_name(split: str, rank: int) -> str:
 
 
 def worker_shards() -> tuple[Shard, Shard]:
-    """(train, validation) shards of the calling Ray Train worker."""
+    """(train, validation) shards of the calling Ray Train worker.
+
+    Ray Data's notices in this process (that progress bars are off, a line per pass over a shard)
+    would break up the step lines; its errors still raise."""
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
     rank = ray.train.get_context().get_world_rank()
     return tuple(Shard(ray.train.get_dataset_shard(shard_name(split, rank))) for split in ("train", "validation"))
 

@@ -163,6 +163,7 @@ def fit(cfg: TrainConfig, recipe: Recipe, prepared: Prepared, total: int, extras
         "DS_ACCELERATOR": "cuda" if r.use_gpu else "cpu",
         "OMP_NUM_THREADS": str(r.threads or max(1, math.ceil(r.cpus_per_worker))),
         "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # its logger echo printed every progress line twice
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # transformers' load/save bars: a worker's output is a log, not a terminal
     }
     task = recipe.task
     trainer = TorchTrainer(
