@@ -1,4 +1,4 @@
-"""Every training stage for real: Ray Train (TorchTrainer) + DeepSpeed ZeRO-2 on CPU (gloo), a tiny Llama.
+"""Every training stage for real: Ray Train (TorchTrainer) + DeepSpeed on CPU (gloo, one worker: no ZeRO), a tiny Llama.
 
 Each stage trains on the HelpSteer3-shaped fixtures; the SFT and RM stages repeat one batch (one step
 per epoch) and must lower their loss. The models they write are loaded by the engine and run. RLOO

@@ -16,7 +16,7 @@ from conftest import SHARED
 from engine import storage
 from train import resume
 from train.config import load_train_config
-from train.loop import configure_model
+from train.loop import configure_model, deepspeed_config
 from train.outputs import replace_folder
 from train.resume import check_resume, fingerprint
 from train.sft import SFTTask, collate
@@ -109,6 +109,17 @@ def test_attn_implementation_is_passed_to_from_pretrained_and_set_on_other_build
 def test_a_bad_attn_implementation_is_a_config_error_naming_the_choices():
     with pytest.raises(ConfigError, match=r"`attn_implementation`: Input should be 'eager', 'sdpa', 'flash_attention_2'"):
         cfg("attn_implementation=flash")
+
+
+@pytest.mark.parametrize("workers, sets, stage", [
+    (1, [], 0),  # one worker: nothing to partition, no ZeRO overhead
+    (2, [], 2),
+    (1, ["deepspeed.zero_stage=3", "deepspeed.offload=true"], 3),  # offload needs ZeRO
+    (4, ["deepspeed.zero_stage=3"], 3),
+])
+def test_zero_runs_only_where_it_partitions_something(workers, sets, stage):
+    config = deepspeed_config(cfg("optim.global_batch_size=8", "optim.micro_batch_size=2", *sets), 8, workers)
+    assert config["zero_optimization"]["stage"] == stage
 
 
 def test_resuming_with_a_changed_training_key_is_refused_by_name_unless_forced(monkeypatch, tmp_path, capsys):

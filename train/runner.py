@@ -31,7 +31,7 @@ from actors.models import resolve_model
 from engine.cluster import connect
 from train import prepare
 from train.config import TrainConfig
-from train.loop import shard_name
+from train.loop import shard_name, zero_plan
 from train.outputs import RunOutput
 from train.recipe import Recipe, Sources
 from train.resume import check_resume
@@ -137,7 +137,7 @@ def train(cfg: TrainConfig, dry_run: bool = False) -> str | None:
         )
     if not prepared.validation:
         raise ConfigError(f"{cfg.stage}: no validation items after preparation; add a validation file or more rows")
-    print(f"{cfg.stage}: {total} optimizer steps of {per_step} items ({steps_per_epoch} per epoch), lr {cfg.lr:g}", flush=True)
+    print(f"{cfg.stage}: {total} optimizer steps of {per_step} items ({steps_per_epoch} per epoch), lr {cfg.lr:g}, {zero_plan(cfg)}", flush=True)
     check_resume(cfg, out.checkpoints(cfg.stage))
     if dry_run:
         return None
