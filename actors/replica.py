@@ -185,14 +185,15 @@ class ModelReplica:
         finally:
             for tag, _ in spans:
                 self._running.pop(tag, None)
+        # Every part's exception is read, not only the first: one left unread is logged with its
+        # traceback as "Task exception was never retrieved" when the task is collected.
+        errors = [task.exception() for task in live if not task.cancelled()]
+        first = next((e for e in errors if e is not None), None)
+        if first is not None:
+            raise first
         results: list = []
         for (_, count), task in zip(spans, tasks):
-            if task is None or task.cancelled():
-                results += [None] * count
-            elif task.exception() is not None:
-                raise task.exception()
-            else:
-                results += task.result()
+            results += [None] * count if task is None or task.cancelled() else task.result()
         return results
 
     async def stream(self, request, tag: str):

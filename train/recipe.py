@@ -2,6 +2,7 @@
 
 A stage is one `Recipe`, defined next to its Task (train/sft.py, train/reward_model.py, train/rloo.py)
 and registered by name in train/stages.py. The runner asks the recipe, never the stage name, for:
+- what it needs besides data, checked before any work (`check`: RLOO's reward model);
 - its data: `prepare` turns HelpSteer3 (or distilled) rows, read through a `Sources`, into the
   train and validation items the Task consumes;
 - its step: `items_per_step` reads the config key `batch_key` (also what the error for too little
@@ -90,6 +91,10 @@ class Recipe(ABC):
             taken = steps[: total - step]
             yield from ((epoch, items) for items in taken)
             step, epoch = step + len(taken), epoch + 1
+
+    def check(self, cfg: TrainConfig) -> None:
+        """Refuse, with a ConfigError naming the key, what the stage needs besides its data and would
+        otherwise fail on only inside a training worker; nothing by default."""
 
     def reserved_cpus(self, cfg: TrainConfig) -> float:
         """Logical CPUs of what `extras` starts (the training workers' own are the runner's to count)."""

@@ -105,25 +105,22 @@ class RLOOTask(TaskBase):
         return {"sync_s": time.perf_counter() - tic}
 
 
-def check_reward_model(cfg: TrainConfig) -> None:
-    """`rloo.reward_model` must give one score per sequence (a scalar head, as edit-rm writes); a model
-    with more outputs (a causal LM loaded with a fresh classification head has 2) fails otherwise
-    only inside the first step, on a training worker, as a tensor shape error."""
-    from transformers import AutoConfig
-
-    labels = AutoConfig.from_pretrained(resolve_model(cfg.rloo.reward_model, key="rloo.reward_model")).num_labels
-    if labels != 1:
-        raise ConfigError(
-            f"rloo.reward_model={cfg.rloo.reward_model} has {labels} outputs per sequence; RLOO needs a reward model "
-            "with one (a scalar head, as `fescale train edit-rm` writes)"
-        )
-
-
 class RLOORecipe(Recipe):
+    def check(self, cfg: TrainConfig) -> None:
+        """`rloo.reward_model` must give one score per sequence (a scalar head, as edit-rm writes); a
+        model with more outputs (a causal LM loaded with a fresh classification head has 2) fails
+        otherwise only inside the first step, on a training worker, as a tensor shape error."""
+        from transformers import AutoConfig
+
+        labels = AutoConfig.from_pretrained(resolve_model(cfg.rloo.reward_model, key="rloo.reward_model")).num_labels
+        if labels != 1:
+            raise ConfigError(
+                f"rloo.reward_model={cfg.rloo.reward_model} has {labels} outputs per sequence; RLOO needs a reward model "
+                "with one (a scalar head, as `fescale train edit-rm` writes)"
+            )
+
     def prepare(self, cfg: TrainConfig, fmt: ChatFormatter, sources: Sources) -> tuple[list, list]:
-        """Edit conversations, not token ids: the policy's edits of them are sampled during training.
-        The reward model is checked first, so that a wrong one stops the run before anything starts."""
-        check_reward_model(cfg)
+        """Edit conversations, not token ids: the policy's edits of them are sampled during training."""
         d = cfg.data
         return tuple(
             [{"id": t.id, "prompt": t.context} for t in prepare.edit_preferences(rows, sources.drops, d.domains, d.joiner)]

@@ -121,6 +121,7 @@ def train(cfg: TrainConfig, dry_run: bool = False) -> str | None:
 
     out = RunOutput.of(cfg.output_dir)  # a bad location fails here, before any work
     recipe = RECIPES[cfg.stage]
+    recipe.check(cfg)
     model_path = resolve_model(cfg.model, key="model")
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     prepared = prepare_stage(cfg, ChatFormatter(tokenizer, cfg.data.max_seq_len))
