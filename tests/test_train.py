@@ -5,19 +5,15 @@ per epoch) and must lower their loss. The models they write are loaded by the en
 samples its rollouts from a real engine pool and syncs the trained weights into it after each step.
 """
 
-import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 
-from conftest import REPO, SHARED, make_config
+from conftest import REPO, SHARED, kill_job_when, make_config
 from engine.inputs import Prompt
 from engine.runner import execute
 from engine.sinks import JsonlSink
@@ -157,16 +153,7 @@ def test_a_killed_training_job_resumes_from_its_last_checkpoint(tiny_model, tmp_
             "--set", f"model={tiny_model}", "--set", f"output_dir={out}", "--set", "optim.global_batch_size=2",
             "--set", "checkpoint_every=2", "--set", "optim.max_steps=6"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": ""}
-    first = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and not checkpoint_registered(out / "ray" / "edit-sft"):
-        time.sleep(1)
-    job = [first, *psutil.Process(first.pid).children(recursive=True)]  # the driver, its Ray cluster and workers
-    for proc in job:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            proc.send_signal(signal.SIGKILL)
-    psutil.wait_procs([p for p in job if p is not first], timeout=30)
-    first.wait()
+    kill_job_when(args, lambda: checkpoint_registered(out / "ray" / "edit-sft"), cwd=REPO, env=env)
     first_steps = [r["step"] for r in records(out)]
     second = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, (second.stdout + second.stderr)[-3000:]

@@ -5,20 +5,16 @@ The kill-and-resume test runs `fescale train` as a user does, SIGKILLs it after 
 has landed in the bucket, reruns it and checks it went on from that checkpoint, read back from S3.
 """
 
-import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from actors.errors import BackendError, ConfigError
-from conftest import REPO, SHARED
+from conftest import REPO, SHARED, kill_job_when
 from engine import storage
 from train.config import load_train_config
 from train.outputs import METRICS, RunOutput
@@ -126,17 +122,7 @@ def test_a_training_job_killed_mid_way_resumes_from_its_checkpoint_in_s3(s3_buck
         "optim.max_steps=6"] for a in ("--set", s)]]
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": ""}
     out = storage.resolve(uri)
-    first = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and not registered(out.join("ray", "edit-sft")) and first.poll() is None:
-        time.sleep(1)
-    assert first.poll() is None, "the first run ended before it could be killed"
-    job = [first, *psutil.Process(first.pid).children(recursive=True)]  # the driver, its Ray cluster and workers
-    for proc in job:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            proc.send_signal(signal.SIGKILL)
-    psutil.wait_procs([p for p in job if p is not first], timeout=30)
-    first.wait()
+    kill_job_when(args, lambda: registered(out.join("ray", "edit-sft")), cwd=tmp_path, env=env)
     assert storage.read_bytes(out.join("model", "config.json")) is None  # no model before the run completes
 
     second = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
