@@ -5,7 +5,9 @@ embedded default), `VLLMBackend` (vLLM's async engine, production), `OpenAIBacke
 OpenAI-compatible endpoint). The method's steps see only `ModelClient`: the same three calls,
 answered by a pool of replicas (`actors.client.PoolClient`) or by a backend in-process.
 
-Requests are plain frozen dataclasses so they pickle cheaply across Ray actor calls.
+Requests and results are frozen msgspec Structs: a pool's calls carry them to and from its replicas
+as one msgpack buffer per call (`actors.wire`), which costs a fraction of pickling them object by
+object (benchmarks.engine_overhead), and they still pickle for the other Ray calls.
 """
 
 from __future__ import annotations
@@ -14,11 +16,17 @@ import abc
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Literal, Protocol
 
+import msgspec
+
 from actors.errors import ConfigError
 
 
-@dataclass(frozen=True)
-class Sampling:
+class _Wire(msgspec.Struct, frozen=True, array_like=True, gc=False):
+    """What a pool call carries: immutable, encoded as msgpack arrays (no field names on the wire),
+    untracked by the garbage collector (they hold no cycles), as vLLM's engine requests."""
+
+
+class Sampling(_Wire):
     """How to sample a `ChatRequest`'s completions, the same for every backend.
 
     `stop`: a completion ends before the first of these strings (not included, finish "stop"), as
@@ -34,8 +42,7 @@ class Sampling:
     seed: int | None = None
 
 
-@dataclass(frozen=True)
-class ChatRequest:
+class ChatRequest(_Wire):
     """Sample `sampling.n` assistant turns after `messages`.
 
     `prefix` pre-fills the start of the assistant turn; completions continue it and do not repeat it.
@@ -46,15 +53,13 @@ class ChatRequest:
     prefix: str = ""
 
 
-@dataclass(frozen=True)
-class Completion:
+class Completion(_Wire):
     text: str
     tokens: int
     finish_reason: Literal["stop", "length"]
 
 
-@dataclass(frozen=True)
-class ChatResult:
+class ChatResult(_Wire):
     completions: list[Completion]
     prompt_tokens: int  # prefilled once for all n completions
 
@@ -63,8 +68,7 @@ class ChatResult:
         return sum(c.tokens for c in self.completions)
 
 
-@dataclass(frozen=True)
-class NextTokenRequest:
+class NextTokenRequest(_Wire):
     """Log-probabilities of each choice's first token right after `messages` (+ the assistant `prefix`).
 
     The logit judge asks for ("Yes",); the guided feedback level for the five level words.
@@ -75,8 +79,7 @@ class NextTokenRequest:
     prefix: str = ""
 
 
-@dataclass(frozen=True)
-class ClassifyRequest:
+class ClassifyRequest(_Wire):
     """A reward model's scalar score of a whole conversation (its last turn: the response scored).
 
     What the score is depends on how the backend loaded the model (`BackendSpec.kind`): the scalar
@@ -87,8 +90,7 @@ class ClassifyRequest:
     messages: tuple[dict, ...]
 
 
-@dataclass(frozen=True)
-class ScoreResult:
+class ScoreResult(_Wire):
     scores: list[float]
     prompt_tokens: int
 

@@ -19,6 +19,7 @@ import ray
 
 from actors.backend import ChatRequest, ChatResult, ClassifyRequest, NextTokenRequest, ScoreResult
 from actors.errors import BackendError, ConfigError, PromptCrashError, last_line, unwrap_ray_error
+from actors.wire import decode_results, encode_requests
 
 log = logging.getLogger("fescale")
 
@@ -231,11 +232,12 @@ class PoolClient:
             caller.replica = i
         try:
             spans = [(c.tag, len(c.requests)) for c in callers]
-            ref = self.replicas[i].call.remote(method, [r for c in callers for r in c.requests], call_id, spans)
+            payload = encode_requests(method, [r for c in callers for r in c.requests])
+            ref = self.replicas[i].call.remote(method, payload, call_id, spans)
             for caller in callers:  # cancelled between the flush and this send: the replica drops it on arrival
                 if caller.future is not None and caller.future.cancelled():
                     self._cancel(caller)
-            return await (asyncio.wait_for(ref, self.policy.call_timeout_s) if self.policy.call_timeout_s else ref)
+            return decode_results(method, await (asyncio.wait_for(ref, self.policy.call_timeout_s) if self.policy.call_timeout_s else ref))
         except asyncio.CancelledError:  # this call's awaiter is gone (a lone caller cancelled, or shutdown)
             for caller in callers:
                 self._cancel(caller)

@@ -18,6 +18,7 @@ import ray
 
 from actors.backend import BackendSpec
 from actors.registry import make_backend
+from actors.wire import decode_requests, encode_results
 
 # Replica processes never reach a hub and keep their logs to what matters.
 REPLICA_ENV = {
@@ -125,12 +126,14 @@ class ModelReplica:
     def ready(self) -> dict[str, Any]:
         return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(), "replica_calls": self.calls, "cancelled": self.cancelled, **self.backend.info()}
 
-    async def call(self, method: str, requests: list, isolated: str | None = None, spans: list[tuple[str, int]] | None = None) -> list:
+    async def call(self, method: str, payload: Any, isolated: str | None = None, spans: list[tuple[str, int]] | None = None) -> Any:
         """`method` (chat, next_token_logprobs, classify, update_weights) of the backend; alone if `isolated`.
 
-        `spans` are the callers merged into this call, in order: (tag, how many of `requests` are
-        theirs). Each caller's part runs as its own task, so `cancel(tag)` stops one caller's work
-        and not the others'; a cancelled part comes back as `None`s nobody reads."""
+        `payload`: the requests as `actors.wire` encodes them for `method`; the results go back the
+        same way. `spans` are the callers merged into this call, in order: (tag, how many of the
+        requests are theirs). Each caller's part runs as its own task, so `cancel(tag)` stops one
+        caller's work and not the others'; a cancelled part comes back as `None`s nobody reads."""
+        requests = decode_requests(method, payload)
         spans = spans or [("", len(requests))]
         self.calls += 1
         if isolated is None:
@@ -138,7 +141,7 @@ class ModelReplica:
                 await self._gate.wait_for(lambda: not self._isolated and not self._waiting)
                 self._shared += 1
             try:
-                return await self._parts(method, requests, spans)
+                return encode_results(method, await self._parts(method, requests, spans))
             finally:
                 async with self._gate:
                     self._shared -= 1
@@ -151,7 +154,7 @@ class ModelReplica:
         try:
             await self.events.run.remote(self.id, isolated)
             try:
-                return await self._parts(method, requests, spans)
+                return encode_results(method, await self._parts(method, requests, spans))
             finally:  # also after the backend's own error: only a crash leaves the call registered
                 await self.events.run.remote(self.id, None)
         finally:

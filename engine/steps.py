@@ -9,11 +9,12 @@ many prompts at once (the pools batch the calls); the Serve app runs the same st
 from __future__ import annotations
 
 import abc
-import dataclasses
 import logging
 import time
 from collections import Counter
 from typing import AsyncIterator, Callable
+
+import msgspec
 
 from actors.backend import ChatRequest, ChatResult, ClassifyRequest, ModelClient, NextTokenRequest, Sampling
 from engine import method
@@ -160,7 +161,7 @@ class EditStep(Step):
         base = Sampling(k, self.cfg.temperature_for(k), self.cfg.top_p, self.cfg.max_tokens, tuple(self.cfg.stop))
 
         def sampling(i: int, j: int | None) -> Sampling:
-            return dataclasses.replace(base, seed=call_seed(self.sampling_seed, self.name, i, j))
+            return msgspec.structs.replace(base, seed=call_seed(self.sampling_seed, self.name, i, j))
 
         messages = state.conversation()
         jobs: list[tuple[int, int | None, ChatRequest]] = []

@@ -10,6 +10,7 @@ import time
 import pytest
 
 from actors.backend import ChatRequest, Sampling
+from actors.wire import decode_results, encode_requests
 from conftest import make_config
 
 INSTANT = {"model": "embedded", "backend": "benchmarks.instant_backend:InstantBackend", "num_cpus": 0.5}
@@ -103,7 +104,7 @@ def test_a_cancelled_caller_stops_its_part_on_the_replica_and_the_others_get_the
         assert cancelled() == 2
 
         ray_session.get(replica.cancel.remote(["early"]))
-        assert ray_session.get(replica.call.remote("chat", [request("HANG")], None, [("early", 1)])) == [None]
+        assert decode_results("chat", ray_session.get(replica.call.remote("chat", encode_requests("chat", [request("HANG")]), None, [("early", 1)]))) == [None]
         assert cancelled() == 3
 
 
