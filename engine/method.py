@@ -12,8 +12,6 @@ import random
 import re
 from typing import Literal, Sequence
 
-import regex
-
 LEVELS = ("not", "slightly", "partially", "mostly", "perfectly")
 LEVEL_PREFIX = "The response is"
 
@@ -25,9 +23,8 @@ _LEVEL_RE = re.compile(
 )
 # The paper's constructive-criticism keywords: However, improve, lack, benefit, but. Counted
 # case-insensitively, with their word forms (improvement, lacks, beneficial, ...): a word that starts
-# with improv/lack/benefi, or is however/but. The `regex` module (a dependency of transformers) finds
-# them 4x faster than `re`, which matters at 128 feedback per prompt (benchmarks.engine_overhead).
-_KEYWORD_RE = regex.compile(r"\b(?:however\b|improv|lack|benefi|but\b)", regex.IGNORECASE)
+# with improv/lack/benefi, or is exactly however/but. Each entry: (stem, must it end the word?).
+_KEYWORD_STEMS = (("however", True), ("improv", False), ("lack", False), ("benefi", False), ("but", True))
 
 
 def parse_level(text: str) -> str | None:
@@ -37,7 +34,31 @@ def parse_level(text: str) -> str | None:
 
 
 def count_keywords(text: str) -> int:
-    return len(_KEYWORD_RE.findall(text))
+    r"""How many constructive keywords (`_KEYWORD_STEMS`) the feedback has, in any letter case.
+
+    The same count as `len(regex.findall(r"\b(?:however\b|improv|lack|benefi|but\b)", text,
+    regex.IGNORECASE))` on ordinary text (tests/test_method.py checks it on random strings): a keyword
+    starts at a word boundary, and however/but must also end at one. A word character is one with
+    `c.isalnum() or c == "_"` (the same as `\w` on ASCII). Exotic Unicode next to a keyword is out of
+    scope and may count differently from that regex: combining marks, superscript digits, connector
+    punctuation other than "_", letters that lowercase to two characters (İ).
+
+    Why not the regex: this runs for each of the 128 feedback per prompt in the engine's hot loop, and
+    lowering once then `str.find` per stem takes about half the regex's time (it tries the alternation
+    at every position). Counting each stem on its own equals the regex's count because matches of
+    different stems cannot overlap: a match is all word characters and needs a boundary before it.
+    """
+    low = " " + text.lower() + " "  # the padding spaces are non-word neighbours at both ends
+    count = 0
+    for stem, whole_word in _KEYWORD_STEMS:
+        i = low.find(stem)
+        while i >= 0:
+            end = i + len(stem)
+            before, after = low[i - 1], low[end]  # i >= 1 and end < len(low) thanks to the padding
+            if not (before.isalnum() or before == "_") and not (whole_word and (after.isalnum() or after == "_")):
+                count += 1
+            i = low.find(stem, end)  # no stem can overlap itself, so resume after this one
+    return count
 
 
 def is_no_edit(original: str, edit: str) -> bool:
