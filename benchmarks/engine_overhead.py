@@ -172,12 +172,12 @@ def state_bytes(cfg: FescaleConfig) -> dict[str, int]:
     """Bytes of one prompt's state JSON (the row's `state` column) after each step, in-process."""
     client = DirectClient(InstantBackend(next(iter(plan_pools(cfg).values())).spec))
     [state] = new_states(cfg, synthetic(1))
-    sizes = {"input": len(state.model_dump_json().encode())}
+    sizes = {"input": len(state.to_json().encode())}
 
     async def run() -> None:
         for step in build_steps(cfg, lambda role: client):
             await step.run(state)
-            sizes[step.name] = len(state.model_dump_json().encode())
+            sizes[step.name] = len(state.to_json().encode())
 
     asyncio.run(run())
     return sizes

@@ -268,7 +268,8 @@ def trace_body(state: PromptState) -> dict:
     """Why the answer won: mode, candidates with feedback, sets, edits and scores, the selection, usage
     per stage, and the run summary's counts of this one prompt (feedback unparseable or perfectly
     helpful, no-edits: `engine.summary.row_stats`)."""
-    body = state.model_dump(mode="json", include={"mode", "config_hash", "selected", "candidates", "usage"})
+    row = state.to_dict()
+    body = {k: row[k] for k in ("mode", "config_hash", "selected", "candidates", "usage")}
     body["counts"] = {k: v for k, v in row_stats(state).items() if k not in ("failed", "tokens")}
     return body
 

@@ -43,7 +43,7 @@ class StageActor:
         self.steps = steps
 
     async def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        states = [PromptState.model_validate_json(s) for s in batch["state"]]
+        states = [PromptState.from_json(s) for s in batch["state"]]
         await asyncio.gather(*(self._run(s) for s in states))
         rows = [self._serialized(s) for s in states]
         return {"id": [row_id for row_id, _ in rows], "state": [state for _, state in rows]}
@@ -66,7 +66,7 @@ class StageActor:
         """(id, state JSON) of a row; a state that cannot be written (text no UTF-8 can hold, say)
         becomes an error row of the same id and prompt, escaped so that it can."""
         try:
-            return state.id, state.model_dump_json()
+            return state.id, state.to_json()
         except Exception as e:
             stage = state.error.stage if state.error else self.steps[-1].name
             log.debug("prompt %s: state not serializable after %s", state.id, stage, exc_info=True)
@@ -77,7 +77,7 @@ class StageActor:
                 config_hash=state.config_hash,
                 error=RowError(stage=stage, message=self._escaped(self._reason(stage, e))),
             )
-            return failed.id, failed.model_dump_json()
+            return failed.id, failed.to_json()
 
     @staticmethod
     def _reason(step: str, error: Exception) -> str:
@@ -96,7 +96,7 @@ class StageActor:
 
 def to_dataset(states: list[PromptState], batch_size: int) -> ray.data.Dataset:
     """Rows in blocks of one batch each, so the first batches reach the model at once."""
-    items = [{"id": s.id, "state": s.model_dump_json()} for s in states]
+    items = [{"id": s.id, "state": s.to_json()} for s in states]
     return ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / batch_size)))
 
 

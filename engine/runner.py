@@ -79,7 +79,7 @@ def execute(
     states = new_states(cfg, prompts)
 
     def on_batch(batch) -> int:
-        done = [PromptState.model_validate_json(s) for s in batch["state"]]
+        done = [PromptState.from_json(s) for s in batch["state"]]
         sink.write(done)
         summary.add(done)
         if on_rows:

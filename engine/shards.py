@@ -86,7 +86,7 @@ class WriteShards:
         self.out, self.fmt, self.config_hash = out, fmt, config_hash
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        states = [PromptState.model_validate_json(s) for s in batch["state"]]
+        states = [PromptState.from_json(s) for s in batch["state"]]
         name = f"part-{uuid.uuid4().hex[:16]}"
         ok = [s for s in states if s.error is None]
         failed = [s for s in states if s.error is not None]

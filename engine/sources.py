@@ -123,7 +123,7 @@ class _ToStates:
                 if error:
                     state.error = RowError(stage="input", message=error)
                 ids.append(row_id)
-                states.append(state.model_dump_json())
+                states.append(state.to_json())
         return {"id": ids, "state": states}
 
 

@@ -103,7 +103,7 @@ def row_stats(s: PromptState) -> dict:
     feedback = [f for c in s.candidates for f in c.feedback]
     return {
         "failed": False,
-        "tokens": {stage: u.model_dump() for stage, u in s.usage.items()},
+        "tokens": {stage: u.to_dict() for stage, u in s.usage.items()},
         "responses": len(s.candidates),
         "feedback": len(feedback),
         "feedback_perfect": sum(f.level == "perfectly" for f in feedback),

@@ -32,7 +32,7 @@ def done(i, error=False):
 
 
 def write_shard(out, states, fmt="jsonl"):
-    batch = {"id": np.array([s.id for s in states]), "state": np.array([s.model_dump_json() for s in states])}
+    batch = {"id": np.array([s.id for s in states]), "state": np.array([s.to_json() for s in states])}
     return WriteShards(resolve(str(out)), fmt, "h")(batch)
 
 

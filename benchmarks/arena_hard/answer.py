@@ -114,7 +114,7 @@ def answer_questions(
                         q, state, latency = await finished
                         summary.add([state])
                         if state.error is not None:
-                            append_jsonl(errors, {"question_id": q.id, **state.error.model_dump()})
+                            append_jsonl(errors, {"question_id": q.id, **state.error.to_dict()})
                         else:
                             append_jsonl(out, to_answer(q, state, model_id, latency, tok).to_row())
                         bar.update(1)
