@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import itertools
 import logging
 import time
 import uuid
@@ -22,6 +23,15 @@ from actors.errors import BackendError, ConfigError, PromptCrashError, last_line
 from actors.wire import decode_results, encode_requests
 
 log = logging.getLogger("fescale")
+
+# Caller tags: unique across every process that calls a replica. A fresh uuid4 per call read the OS's
+# random source each time, a measurable cost at hundreds of calls per second (engine_overhead).
+_PROCESS_TAG = uuid.uuid4().hex
+_serial = itertools.count()
+
+
+def _new_tag() -> str:
+    return f"{_PROCESS_TAG}-{next(_serial)}"
 
 
 @dataclass(frozen=True)
@@ -82,7 +92,7 @@ class PoolClient:
         Not merged and not retried: the caller has seen text already. A replica that dies under it
         fails this stream only (`PromptCrashError`); a caller that stops reading cancels it there."""
         i = self._least_busy(None)
-        tag = uuid.uuid4().hex
+        tag = _new_tag()
         self._in_flight[i] += 1
         done = False
         try:
@@ -169,7 +179,7 @@ class PoolClient:
     async def _retried(self, method: str, caller: "_Caller", crashed_on: int | None = None) -> list:
         """One caller's call through replica crashes and hangs (see the class docstring); `crashed_on`:
         the replica that died under this call's first attempt, merged with others."""
-        call_id: str | None = None if crashed_on is None else uuid.uuid4().hex  # set once through a crash: retried isolated
+        call_id: str | None = None if crashed_on is None else _new_tag()  # set once through a crash: retried isolated
         failures = 0
         failed_on = crashed_on
         while True:
@@ -185,7 +195,7 @@ class PoolClient:
                         f"alone ({what}); giving up on the prompt (pipeline.max_attempts={self.policy.max_attempts})"
                     ) from None
                 log.warning("pool %s: a replica failed a call (%s); retrying it alone", self.name, what)
-                call_id = call_id or uuid.uuid4().hex
+                call_id = call_id or _new_tag()
                 failed_on = i
                 if len(self.replicas) == 1:
                     await self._wait_ready(i)  # else the retry goes to another replica at once
@@ -283,7 +293,7 @@ class _Caller:
     merged, and the replica running them now (where a cancellation is sent)."""
 
     requests: list
-    tag: str = field(default_factory=lambda: uuid.uuid4().hex)
+    tag: str = field(default_factory=_new_tag)
     future: asyncio.Future | None = None
     replica: int | None = None
 

@@ -61,14 +61,16 @@ def count_keywords(text: str) -> int:
     return count
 
 
-def is_no_edit(original: str, edit: str) -> bool:
-    """An edit that changed nothing of substance: the same words as its initial response once every run
-    of whitespace is one space (re-indenting or re-wrapping is no edit; any changed character is one).
+def no_edits(original: str, edits: Sequence[str]) -> int:
+    """How many of a response's edits changed nothing of substance: the same words as the response
+    once every run of whitespace is one space (re-indenting or re-wrapping is no edit; any changed
+    character is one). The response is split once for all its edits (the summary counts every row).
 
     The paper trains the Edit model with RLOO partly because Edit SFT often returns the response as
     it was; this is the simple, checkable reading of that "no edit" that the summaries count.
     """
-    return original.split() == edit.split()
+    words = original.split()
+    return sum(edit == original or edit.split() == words for edit in edits)
 
 
 def rank_feedback(levels: Sequence[str | None], keywords: Sequence[int], effective: int | None) -> list[int]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 
-from engine.method import is_no_edit
+from engine.method import no_edits
 from engine.rows import PromptState
 
 
@@ -24,7 +24,7 @@ class Summary:
     feedback_kept: int = 0  # effective feedback (top E)
     feedback_sets: int = 0
     edits: int = 0
-    edits_unchanged: int = 0  # no-edits: the initial response again, whitespace aside (method.is_no_edit)
+    edits_unchanged: int = 0  # no-edits: the initial response again, whitespace aside (method.no_edits)
     responses_unedited: int = 0  # no feedback left: kept as is, no edit spent on them
     tokens: dict[str, dict[str, int]] = field(default_factory=dict)
     replica_restarts: int = 0  # model replicas Ray restarted after they died
@@ -111,7 +111,7 @@ def row_stats(s: PromptState) -> dict:
         "feedback_kept": sum(f.kept for f in feedback),
         "feedback_sets": sum(len(c.feedback_sets) for c in s.candidates),
         "edits": sum(len(c.edits) for c in s.candidates),
-        "edits_unchanged": sum(is_no_edit(c.text, e.text) for c in s.candidates for e in c.edits),
+        "edits_unchanged": sum(no_edits(c.text, [e.text for e in c.edits]) for c in s.candidates),
         "responses_unedited": sum(bool(c.feedback) and not c.feedback_sets for c in s.candidates),
     }
 

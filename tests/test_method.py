@@ -62,8 +62,9 @@ def test_count_keywords_matches_the_regex_it_replaced():
         ("", "", True),
     ],
 )
-def test_is_no_edit_ignores_only_whitespace(original, edit, same):
-    assert method.is_no_edit(original, edit) is same
+def test_a_no_edit_differs_only_in_whitespace(original, edit, same):
+    assert method.no_edits(original, [edit]) == int(same)
+    assert method.no_edits(original, [edit, original, edit + " more"]) == int(same) + 1  # counted per edit
 
 
 def test_rank_drops_perfect_and_unparseable_and_orders_by_keywords_stably():

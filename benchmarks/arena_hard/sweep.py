@@ -29,7 +29,7 @@ gets a new id. Points with the same role pools reuse the running pools. Output: 
 `sweep.md` (score, the paper's score where the grid gives it, 95% CI, generated tokens per answer
 and relative to the reference, latency, no-edit rate), `scaling.png` (score vs tokens, log2, one
 line per axis, CI bars, the paper's scores as crosses: its Figure 2) and `pareto.png` (the frontier
-of score vs compute). The no-edit rate (`engine.method.is_no_edit`) comes from the run summaries of
+of score vs compute). The no-edit rate (`engine.method.no_edits`) comes from the run summaries of
 the point's answer runs, added up in `<out>/data/counts/<id>.json` (a resumed point answers only
 the questions left).
 """
