@@ -13,6 +13,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import msgspec
+
 from actors.backend import Backend, ChatRequest, ChatResult, ClassifyRequest, NextTokenRequest, ScoreResult
 from engine.config import FescaleConfig
 from engine.inputs import DEMO_PROMPTS, Prompt, read_prompts
@@ -50,7 +52,7 @@ class DirectClient:
             results = await self.backend.chat(requests)
             self.per_sample_prompt_tokens += sum(res.prompt_tokens * req.sampling.n for req, res in zip(requests, results))
             return results
-        singles = [replace(r, sampling=replace(r.sampling, n=1)) for r in requests for _ in range(r.sampling.n)]
+        singles = [msgspec.structs.replace(r, sampling=msgspec.structs.replace(r.sampling, n=1)) for r in requests for _ in range(r.sampling.n)]
         parts = iter(await self.backend.chat(singles))
         merged = []
         for r in requests:
