@@ -127,6 +127,9 @@ def run_stream(
         # lines every 10 s). On the dataset's own context: a dataset keeps the one it was made with.
         ds.context.enable_progress_bars = False
         ds.context.print_on_execution_start = False
+        # Nor Ray Data's per-task memory stats: each map task started a thread polling its process's
+        # USS, 7% of a stage actor's CPU in benchmarks.engine_overhead, for numbers nobody reads.
+        ds.context.memory_usage_poll_interval_s = None
         # A bar only on a terminal: job logs (`ray job submit`, a file) get the summary, not bar redraws.
         with tqdm(total=total, desc=f"fescale {cfg.mode}", unit="prompt", disable=not progress or not sys.stderr.isatty()) as bar:
             for batch in _surface_fescale_errors(ds.iter_batches(batch_size=None, batch_format="numpy")):
