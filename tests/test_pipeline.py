@@ -4,7 +4,7 @@ import asyncio
 import json
 import logging
 
-import numpy as np
+import pyarrow as pa
 import pytest
 
 from engine.placement import plan_pools
@@ -155,14 +155,14 @@ def stage_batch(ids, content="Question?"):
     from engine.rows import PromptState
 
     states = [PromptState(id=i, messages=[{"role": "user", "content": content}], mode="greedy", config_hash="h") for i in ids]
-    return {"id": np.array(ids), "state": np.array([s.to_json() for s in states])}
+    return pa.table({"id": ids, "state": [s.to_json() for s in states]})
 
 
 def run_stage(steps, batch):
     from engine.pipeline import StageActor
     from engine.rows import PromptState
 
-    out = asyncio.run(StageActor(steps)(batch))
+    out = asyncio.run(StageActor(steps)(batch)).to_pydict()
     states = [PromptState.from_json(s) for s in out["state"]]
     assert out["id"] == [s.id for s in states]  # the {id, state} schema, also for error rows
     return {s.id: s for s in states}
