@@ -94,7 +94,7 @@ def make_config(model: str, mode: str = "feedback_edit", **sections):
         "generate": {"max_tokens": 8},
         "feedback": {"plan": "3@0.7", "max_tokens": 8, "guided_level": True},
         "edit": {"max_tokens": 8},
-        "pipeline": {"batch_size": 2, "ready_timeout_s": 300},
+        "pipeline": {"batch_size": 2, "max_concurrent_batches": 16, "ready_timeout_s": 300},
     }
     for key, value in sections.items():
         if isinstance(value, dict) and isinstance(data.get(key), dict):
