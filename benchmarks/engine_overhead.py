@@ -316,9 +316,8 @@ def run_distill(config: str, overrides: list[str], count: int, shard_size: int, 
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": ""}
     shards = -(-count // shard_size)
     started = time.monotonic()
-    kill_distill(args, out, after_shards=max(1, shards // 2), cwd=REPO, env=env, timeout_s=3600)
+    seen_at_kill = kill_distill(args, out, after_shards=max(1, shards // 2), cwd=REPO, env=env, timeout_s=3600)
     killed_s = time.monotonic() - started
-    committed = sum(f.suffix == ".json" for f in (out / "manifest").iterdir())  # also those committed while the kill landed
     started = time.monotonic()
     rerun = subprocess.run([sys.executable, "-m", "cli", "distill", *args], cwd=REPO, env=env, capture_output=True, text=True)
     rerun_s = time.monotonic() - started
@@ -329,7 +328,7 @@ def run_distill(config: str, overrides: list[str], count: int, shard_size: int, 
     seen = Counter(ids + failed)
     summary = json.loads((out / "summary.json").read_text())
     return {
-        "prompts": count, "shards": shards, "shard_size": shard_size, "killed_after_s": killed_s, "committed_shards": committed,
+        "prompts": count, "shards": shards, "shard_size": shard_size, "killed_after_s": killed_s, "shards_seen_at_kill": seen_at_kill,
         "rerun_s": rerun_s, "rerun_summary": summary, "written": len(ids), "failed": len(failed),
         "lost": sum(1 for p in range(count) if seen[f"p{p}"] == 0), "duplicated": sum(c - 1 for c in seen.values() if c > 1),
     }  # fmt: skip
@@ -337,11 +336,12 @@ def run_distill(config: str, overrides: list[str], count: int, shard_size: int, 
 
 def distill_rows(d: dict) -> list[tuple]:
     s = d["rerun_summary"]
-    first = s["resumed"]  # what the killed run had committed
-    late = " (the kill landed after the last commit: nothing left to redo)" if d["committed_shards"] == d["shards"] else ""
+    first = s["resumed"]  # what the killed run had committed, as the rerun found it: its stage actors can
+    # still commit shards while the SIGKILL lands, after the count that triggered it
+    late = " (the kill landed after the last commit: nothing left to redo)" if not s["prompts"] else ""
     return [
-        ("first run (SIGKILLed)", f"{d['killed_after_s']:.1f} s, killed with {d['committed_shards']} of {d['shards']} shards committed{late} "
-                                  f"({first} prompts, {first / d['killed_after_s']:.1f} prompts/s including Ray's and the pools' start)"),
+        ("first run (SIGKILLed)", f"{d['killed_after_s']:.1f} s, SIGKILLed on seeing {d['shards_seen_at_kill']} of {d['shards']} shards committed{late}; "
+                                  f"{first} prompts committed in all ({first / d['killed_after_s']:.1f} prompts/s including Ray's and the pools' start)"),
         ("rerun", f"{d['rerun_s']:.1f} s ({s['load_s']} s starting pools, {s['wall_s']} s pipeline): {s['resumed']} prompts resumed, "
                   f"{s['prompts']} answered, {s['failed']} failed, {s['prompts'] / s['wall_s'] if s['wall_s'] else 0:.1f} prompts/s in the pipeline"),
         ("every prompt once", f"{d['written']} in data/, {d['failed']} in errors/ of {d['prompts']}: {d['lost']} lost, {d['duplicated']} duplicated"),
