@@ -5,8 +5,9 @@ role's `backend: benchmarks.faults:FaultyBackend`, found through `actors.registr
 `engine_kwargs.faults` say what to do: a request whose messages contain `crash_on` kills the replica
 process (`os._exit`, a real crash, not a mock); one containing `hang_on` never gets an answer;
 `inner` names the wrapped backend (default hf). The other `engine_kwargs` go to the inner backend.
-`kill_distill` runs `fescale distill` and SIGKILLs it (with its local Ray cluster) once it has
-committed some shards: the tests and the chaos benchmark then rerun it and count every prompt once.
+`kill_when` SIGKILLs a fescale job with its local Ray cluster once a condition holds (the
+kill-and-resume tests of training); `kill_distill` does it once `fescale distill` has committed some
+shards: the tests and the chaos benchmark then rerun it and count every prompt once.
 
 Example role:
     generator: {model: embedded, backend: benchmarks.faults:FaultyBackend, engine_kwargs: {faults: {crash_on: POISON}}}
@@ -15,6 +16,7 @@ Example role:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -22,7 +24,9 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+
+import psutil
 
 from actors.backend import Backend, BackendSpec
 from actors.registry import make_backend
@@ -75,23 +79,42 @@ class FaultyBackend(Backend):
         await self.inner.close()
 
 
+def kill_when(command: list[str], ready: Callable[[], bool], *, cwd: Path, env: dict, timeout_s: float = 600) -> None:
+    """Run `command` (a fescale job) in its own session and SIGKILL it, with everything it started (its
+    local Ray cluster and workers), once `ready()` holds; return when they are all gone. A job that
+    ends or runs `timeout_s` before `ready()` holds is an error (and killed too)."""
+    job = subprocess.Popen(command, cwd=cwd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:  # still running when `ready()` holds: a job that finished was not killed
+            if job.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{' '.join(command[1:4])} ended (exit {job.returncode}) or timed out before it could be killed")
+            if ready():
+                break
+            time.sleep(0.1)
+    finally:
+        if job.poll() is None:
+            tree = psutil.Process(job.pid).children(recursive=True)
+            os.killpg(job.pid, signal.SIGKILL)  # the session's process group, at once
+            for proc in tree:  # and any process that left the group
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    proc.send_signal(signal.SIGKILL)
+            psutil.wait_procs(tree, timeout=30)  # no worker commits anything after this returns
+        job.wait()
+
+
 def kill_distill(args: list[str], out: str, after_shards: int, *, cwd: Path, env: dict, timeout_s: float = 600) -> int:
-    """Run `fescale distill ARGS` (writing to `out`, a path or URI), SIGKILL its process group once
-    `after_shards` shards are committed, and return how many were committed at the kill."""
+    """Run `fescale distill ARGS` (writing to `out`, a path or URI), SIGKILL it (`kill_when`) once
+    `after_shards` shards are committed, and return how many it had seen committed then."""
     from engine.storage import listing, resolve
 
     manifest = resolve(str(out)).join("manifest")
-    proc = subprocess.Popen([sys.executable, "-m", "cli", "distill", *args], cwd=cwd, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.monotonic() + timeout_s
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            committed = sum(name.endswith(".json") for name, _ in listing(manifest))
-            if committed >= after_shards:
-                return committed
-            time.sleep(0.1)
-        raise RuntimeError(f"distill ended (exit {proc.returncode}) or timed out before {after_shards} shards were committed")
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    seen = 0
+
+    def committed() -> bool:
+        nonlocal seen
+        seen = sum(name.endswith(".json") for name, _ in listing(manifest))
+        return seen >= after_shards
+
+    kill_when([sys.executable, "-m", "cli", "distill", *args], committed, cwd=cwd, env=env, timeout_s=timeout_s)
+    return seen

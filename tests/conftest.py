@@ -7,14 +7,9 @@ SmolLM2 is the real default model, dequantized once into the cache by `fescale p
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import signal
-import subprocess
-import time
 from pathlib import Path
-from typing import Callable
 
 import pytest
 from s3_server import CLIENT_ENV, s3_bucket, s3_server  # noqa: F401  (fixtures: a loopback S3 server)
@@ -103,21 +98,3 @@ def make_config(model: str, mode: str = "feedback_edit", **sections):
             data[key] = value
     return build_config(data)
 
-
-def kill_job_when(args: list[str], ready: Callable[[], bool], *, cwd, env: dict, timeout_s: float = 600) -> subprocess.Popen:
-    """Start a fescale command, SIGKILL it with everything it started (its local Ray cluster and
-    workers) once `ready()` holds, or once `timeout_s` passed; returns the killed process."""
-    import psutil
-
-    first = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and not ready() and first.poll() is None:
-        time.sleep(1)
-    assert first.poll() is None, "the job ended before it could be killed"
-    job = [first, *psutil.Process(first.pid).children(recursive=True)]
-    for proc in job:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            proc.send_signal(signal.SIGKILL)
-    psutil.wait_procs([p for p in job if p is not first], timeout=30)
-    first.wait()
-    return first

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, SHARED, kill_job_when, make_config
+from benchmarks.faults import kill_when
+from conftest import REPO, SHARED, make_config
 from engine.inputs import Prompt
 from engine.runner import execute
 from engine.sinks import JsonlSink
@@ -153,7 +154,7 @@ def test_a_killed_training_job_resumes_from_its_last_checkpoint(tiny_model, tmp_
             "--set", f"model={tiny_model}", "--set", f"output_dir={out}", "--set", "optim.global_batch_size=2",
             "--set", "checkpoint_every=2", "--set", "optim.max_steps=6"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": ""}
-    kill_job_when(args, lambda: checkpoint_registered(out / "ray" / "edit-sft"), cwd=REPO, env=env)
+    kill_when(args, lambda: checkpoint_registered(out / "ray" / "edit-sft"), cwd=REPO, env=env)
     first_steps = [r["step"] for r in records(out)]
     second = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, (second.stdout + second.stderr)[-3000:]

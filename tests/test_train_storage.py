@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from actors.errors import BackendError, ConfigError
-from conftest import REPO, SHARED, kill_job_when
+from benchmarks.faults import kill_when
+from conftest import REPO, SHARED
 from engine import storage
 from train.config import load_train_config
 from train.outputs import METRICS, RunOutput
@@ -122,7 +123,7 @@ def test_a_training_job_killed_mid_way_resumes_from_its_checkpoint_in_s3(s3_buck
         "optim.max_steps=6"] for a in ("--set", s)]]
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": ""}
     out = storage.resolve(uri)
-    kill_job_when(args, lambda: registered(out.join("ray", "edit-sft")), cwd=tmp_path, env=env)
+    kill_when(args, lambda: registered(out.join("ray", "edit-sft")), cwd=tmp_path, env=env)
     assert storage.read_bytes(out.join("model", "config.json")) is None  # no model before the run completes
 
     second = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
