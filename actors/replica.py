@@ -17,6 +17,7 @@ from typing import Any
 import ray
 
 from actors.backend import BackendSpec
+from actors.heap import freeze_startup_heap
 from actors.registry import make_backend
 from actors.wire import decode_requests, encode_results
 
@@ -122,6 +123,7 @@ class ModelReplica:
         self.cancelled = 0  # callers' parts stopped by `cancel` (running, or dropped on arrival)
         self._running: dict[str, asyncio.Task] = {}  # caller tag -> its part's task
         self._cancelled: OrderedDict[str, None] = OrderedDict()  # recently cancelled tags, oldest first
+        freeze_startup_heap()  # the backend's model and Ray's modules are here for good
 
     def ready(self) -> dict[str, Any]:
         return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(), "replica_calls": self.calls, "cancelled": self.cancelled, **self.backend.info()}

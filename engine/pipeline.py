@@ -22,6 +22,7 @@ import pyarrow as pa
 import ray
 
 from actors.errors import BackendError, ConfigError, PromptError
+from actors.heap import freeze_startup_heap
 from engine.config import PipelineConfig
 from engine.rows import Message, PromptState, RowError
 from engine.steps import Step
@@ -41,6 +42,7 @@ class StageActor:
 
     def __init__(self, steps: list[Step]):
         self.steps = steps
+        freeze_startup_heap()  # the prompts' short-lived objects are what the collector should see
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
         """Arrow in and out (`batch_format="pyarrow"`): Ray Data's numpy batches would convert every

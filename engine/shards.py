@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from actors.heap import freeze_startup_heap
 from engine.rows import PromptState
 from engine.storage import Location, write_bytes
 from engine.summary import row_stats
@@ -84,6 +85,7 @@ class WriteShards:
 
     def __init__(self, out: Location, fmt: Format, config_hash: str):
         self.out, self.fmt, self.config_hash = out, fmt, config_hash
+        freeze_startup_heap()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         states = [PromptState.from_json(s) for s in batch["state"]]
