@@ -104,6 +104,12 @@ def to_dataset(states: list[PromptState], batch_size: int) -> ray.data.Dataset:
     return ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / batch_size)))
 
 
+def for_rows(cfg: PipelineConfig, rows: int) -> PipelineConfig:
+    """`cfg` for a run of `rows` prompts: no stage actor without a batch of its own (the README's
+    four prompts start one, not an idle second that Ray Data warns about)."""
+    return cfg.model_copy(update={"stage_actors": min(cfg.stage_actors, max(1, math.ceil(rows / cfg.batch_size)))})
+
+
 def build_pipeline(ds: ray.data.Dataset, steps: list[Step], cfg: PipelineConfig) -> ray.data.Dataset:
     return ds.map_batches(
         StageActor,

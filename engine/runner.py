@@ -18,7 +18,7 @@ from actors.errors import unwrap_ray_error
 from engine.cluster import connect
 from engine.config import FescaleConfig
 from engine.inputs import Prompt
-from engine.pipeline import STAGES, build_pipeline, to_dataset
+from engine.pipeline import STAGES, build_pipeline, for_rows, to_dataset
 from engine.placement import plan_pools, reserved_resources
 from engine.planner import check_cluster
 from engine.pools import Pools
@@ -112,17 +112,17 @@ def run_stream(
 
     Starts the config's pools (and stops them after) unless running `pools` are passed in.
     """
+    pipeline = for_rows(cfg.pipeline, total)
     with contextlib.ExitStack() as stack:
         if pools is None:
-            stage_actors = (1 + (finish is not None)) * cfg.pipeline.stage_actors
-            check_cluster(cfg, plan_pools(cfg).values(), stage_actors)
+            check_cluster(cfg, plan_pools(cfg).values(), (1 + (finish is not None)) * pipeline.stage_actors)
             pools = stack.enter_context(Pools(cfg))
         summary.loaded()
-        ds = build_pipeline(rows, build_steps(cfg, pools.clients().for_config(cfg)), cfg.pipeline)
+        ds = build_pipeline(rows, build_steps(cfg, pools.clients().for_config(cfg)), pipeline)
         if finish is not None:
             stage, batch_size = finish
-            ds = ds.map_batches(**stage, batch_size=batch_size, batch_format="numpy", num_cpus=cfg.pipeline.stage_num_cpus,
-                                compute=ray.data.ActorPoolStrategy(size=cfg.pipeline.stage_actors))  # fmt: skip
+            ds = ds.map_batches(**stage, batch_size=batch_size, batch_format="numpy", num_cpus=pipeline.stage_num_cpus,
+                                compute=ray.data.ActorPoolStrategy(size=pipeline.stage_actors))  # fmt: skip
         # fescale shows one bar in prompts, not Ray Data's per operator (nor, off a terminal, its log
         # lines every 10 s). On the dataset's own context: a dataset keeps the one it was made with.
         ds.context.enable_progress_bars = False

@@ -241,3 +241,14 @@ def test_an_actor_freezes_its_startup_heap_and_a_driver_keeps_its_own(ray_sessio
     probe = Probe.remote()
     assert ray_session.get(probe.frozen.remote()) > 10_000
     ray_session.kill(probe)
+
+
+@pytest.mark.parametrize("rows, actors", [(0, 1), (1, 1), (32, 1), (33, 2), (20_000, 2)])
+def test_a_run_starts_no_stage_actor_without_a_batch(rows, actors):
+    from engine.config import PipelineConfig
+    from engine.pipeline import for_rows
+
+    cfg = PipelineConfig()  # the defaults: 32 prompts a batch, 2 stage actors
+    assert (cfg.batch_size, cfg.stage_actors) == (32, 2)
+    sized = for_rows(cfg, rows)
+    assert sized.stage_actors == actors and sized.batch_size == cfg.batch_size
