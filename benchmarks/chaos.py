@@ -48,10 +48,11 @@ from engine.sinks import JsonlSink
 from engine.summary import Summary, format_table
 
 REPO = Path(__file__).resolve().parent.parent
-# One batch of 2 in flight at a time: the kills are scheduled by finished rows, and with every prompt
-# in flight at once the pool merges their calls, so they would all finish before the first kill.
+# One batch of 2 in flight at a time (one stage actor, one batch): the kills are scheduled by finished
+# rows, and with every prompt in flight at once the pool merges their calls, so they would all finish
+# before the first kill.
 SMALL = ["generate.max_tokens=16", "feedback.max_tokens=12", "edit.max_tokens=16", "roles.generator.num_cpus=1", "roles.generator.threads=2",
-         "pipeline.batch_size=2", "pipeline.max_concurrent_batches=1"]  # fmt: skip
+         "pipeline.batch_size=2", "pipeline.max_concurrent_batches=1", "pipeline.stage_actors=1"]  # fmt: skip
 POISON = "POISON"
 
 

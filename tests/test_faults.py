@@ -54,7 +54,7 @@ def test_a_replica_killed_mid_run_is_restarted_and_every_prompt_is_written_once(
     """One batch in flight at a time: the first rows come back while later batches still need the
     replica (with every prompt in flight at once, the pool merges their calls and they all finish
     together, so a kill after the first rows would find nothing left to do)."""
-    cfg = make_config(tiny_model, generate={"num_responses": 2, "max_tokens": 16}, pipeline={"batch_size": 2, "max_concurrent_batches": 1, "ready_timeout_s": 300})
+    cfg = make_config(tiny_model, generate={"num_responses": 2, "max_tokens": 16}, pipeline={"batch_size": 2, "max_concurrent_batches": 1, "stage_actors": 1, "ready_timeout_s": 300})
     killed = []
 
     def kill_after_first_rows(pids):
@@ -104,10 +104,12 @@ def test_a_prompt_that_hangs_its_replica_times_out_alone(ray_session, tiny_model
 def test_with_two_replicas_a_dead_one_is_routed_around(ray_session, tiny_model, tmp_path):
     """Replica 0 is SIGKILLed before the run and cannot restart, so the calls sent to it (the first one
     is: both are idle and it comes first) can only be answered by replica 1. Killing it mid-run
-    instead raced the run's end: with a tiny model the run could finish before a call reached it."""
+    instead raced the run's end: with a tiny model the run could finish before a call reached it.
+    One stage actor, so one pool client: each client finds the dead replica once."""
     cfg = make_config(
         tiny_model,
         roles={"generator": {"model": tiny_model, "backend": "hf", "num_cpus": 1, "threads": 1, "replicas": 2, "max_restarts": 0}},
+        pipeline={"batch_size": 2, "max_concurrent_batches": 16, "stage_actors": 1, "ready_timeout_s": 300},
     )
     summary, rows, errors = run(cfg, prompts(12), tmp_path / "out.jsonl", before=lambda pids: os.kill(pids[0], signal.SIGKILL))
     assert sorted(r["id"] for r in rows) == sorted(f"p{i}" for i in range(12)) and errors == []
