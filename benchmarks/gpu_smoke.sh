@@ -5,7 +5,8 @@
 #   MODEL=/models/Qwen2.5-0.5B-Instruct bash benchmarks/gpu_smoke.sh      # any small local HF folder
 #
 # 1. `fescale plan` checks that the model fits this GPU (name and memory from nvidia-smi);
-# 2. pipeline efficiency: fescale against raw vLLM on the same GPU (benchmarks/efficiency.py, --quick);
+# 2. pipeline efficiency: fescale against raw vLLM on the same GPU (benchmarks/efficiency.py, --quick
+#    --beside: also raw vLLM with the Ray cluster idling beside it, so (b)/(a') is the engine's own cost);
 # 3. serve latency: greedy vs Feedback-Edit requests against one Serve app, 4 in flight
 #    (results in benchmarks/results/serve_latency_gpu.md).
 # Every role runs on one vLLM engine holding the whole GPU (num_gpus=1: TP 1). Nothing is downloaded:
@@ -38,7 +39,7 @@ echo "== 1/3 placement plan on $cluster"
 "$PYTHON" -m cli plan --config feedback_edit "${ROLE[@]}" "${LONGER[@]}" --cluster "$cluster"
 
 echo "== 2/3 pipeline efficiency: fescale vs raw vLLM"
-"$PYTHON" -m benchmarks.efficiency --backend vllm --quick "${ROLE[@]}"
+"$PYTHON" -m benchmarks.efficiency --backend vllm --quick --beside "${ROLE[@]}"
 
 echo "== 3/3 serve latency: greedy vs Feedback-Edit requests"
 "$PYTHON" -m benchmarks.serve_latency --config feedback_edit "${ROLE[@]}" "${LONGER[@]}" \
