@@ -244,8 +244,10 @@ class OutputLock:
     stops with a ConfigError naming it. An older one was left by a killed job and is taken over with
     a warning. Object stores have no create-if-absent, so two jobs starting together both write the
     lock; each waits `settle_s` (longer than its own read-to-write gap) and reads it back, and only
-    the job whose token is there goes on, the other stops with the same error. A daemon thread
-    refreshes the heartbeat every `heartbeat_s`; exit stops it and deletes the lock if still ours.
+    the job whose token is there goes on, the others stop with the same error, naming the job whose
+    record stays in the lock for `settle_s` (the first record a losing job sees may be of a job that
+    loses too). A daemon thread refreshes the heartbeat every `heartbeat_s`; exit stops it and
+    deletes the lock if still ours.
     """
 
     def __init__(self, loc: Location, owner: dict, stale_after_s: float = 120, heartbeat_s: float = 20, settle_s: float = 2):
@@ -261,7 +263,7 @@ class OutputLock:
         found = self._read()
         if found is not None:
             if _age(found) < self.stale_after_s and not _dead_here(found):
-                raise self._busy(found)
+                raise self._busy(self._settled(found))
             log.warning(
                 "taking over %s: its job (%s) last refreshed it %.0f s ago (%s)",
                 self.file, _describe(found), _age(found),
@@ -271,7 +273,7 @@ class OutputLock:
         time.sleep(self.settle_s)
         current = self._read() or {}
         if current.get("token") != self.token:
-            raise self._busy(current)
+            raise self._busy(self._settled(current))
         self._thread = threading.Thread(target=self._beat, name="fescale-output-lock", daemon=True)
         self._thread.start()
         return self
@@ -296,6 +298,16 @@ class OutputLock:
                 self._write()
             except BackendError as e:  # a passing store fault: the next beat retries
                 log.warning("could not refresh %s: %s", self.file, e)
+
+    def _settled(self, record: dict) -> dict:
+        """The lock's record once it has not changed for `settle_s`: the job that holds it (the last one
+        seen if the lock is gone by then)."""
+        while True:
+            time.sleep(self.settle_s)
+            current = self._read()
+            if current is None or current.get("token") == record.get("token"):
+                return record
+            record = current
 
     def _read(self) -> dict | None:
         """The lock's record, None if there is no lock, {} if it does not parse (it is then stale)."""

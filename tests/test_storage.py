@@ -204,6 +204,28 @@ def test_lock_two_jobs_starting_together_one_wins(root):
     assert not exists(root.join(LOCK_NAME))
 
 
+def test_a_job_that_finds_a_lock_still_settling_names_the_job_that_keeps_it(root):
+    """Jobs starting together: A reads B's lock, then C (which read before B wrote) writes over it and
+    keeps it. A's error names C, the job that runs, not B, which loses too. The interleaving is made
+    exact by doing C's write right after A's first read."""
+    OutputLock(root, {"host": "node-b"})._write()
+    c = OutputLock(root, {"host": "node-c"})
+
+    class A(OutputLock):
+        reads = 0
+
+        def _read(self):
+            record = super()._read()
+            self.reads += 1
+            if self.reads == 1:
+                c._write()
+            return record
+
+    with pytest.raises(ConfigError, match="node-c"):
+        A(root, {"host": "node-a"}, settle_s=0.2).__enter__()
+    assert json.loads(read_bytes(root.join(LOCK_NAME)))["token"] == c.token  # A wrote nothing
+
+
 def test_missing_bucket_is_a_backend_error_naming_the_uri(s3_server):
     out = resolve("s3://no-such-bucket-fescale/run")
     with pytest.raises(BackendError, match="s3://no-such-bucket-fescale/run/data/x.jsonl: the bucket does not exist"):
